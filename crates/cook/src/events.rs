@@ -1,0 +1,42 @@
+//! How the kitchen reacts to the order service: take placed orders, and
+//! apply cancel requests that were deferred while the kitchen was away.
+
+use restaurant_contract::{CookCancelled, Envelope, Event};
+use restaurant_platform::{
+    consumer::{HandleError, Handler},
+    db::Tx,
+    outbox,
+};
+
+use crate::{App, domain::CancelOutcome, kitchen};
+
+pub struct KitchenEvents(pub App);
+
+impl Handler for KitchenEvents {
+    const TYPES: &'static [&'static str] = &["OrderPlaced", "OrderCancelRequested"];
+
+    async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
+        let cause = env.as_cause();
+        match event {
+            Event::OrderPlaced(placed) => {
+                kitchen::take_order(&self.0, tx, &env.order_id, &placed, &cause).await?;
+            }
+            Event::OrderCancelRequested(_) => {
+                let c = kitchen::cancel_order(&self.0, tx, &env.order_id, &cause).await?;
+                if c.outcome == CancelOutcome::TooLate {
+                    let ev = Event::CookCancelRefused(CookCancelled {
+                        cook_id: c.cook_id,
+                        reason: c.reason,
+                    });
+                    outbox::emit(tx, crate::NAME, &env.order_id, &ev, &cause).await?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn after_commit(&self) {
+        self.0.timer_wake.notify_one();
+    }
+}

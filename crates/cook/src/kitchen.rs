@@ -1,0 +1,201 @@
+//! What the kitchen does, each operation one transaction that changes the
+//! ticket and stock and appends its events: take an order, cancel it,
+//! complete it. HTTP handlers, the event handler and the timer call these.
+
+use restaurant_contract::{
+    Cause, CookCancelled, CookCompleted, CookRef, Event, OrderPlaced, StockChecked, new_id, now_ms,
+};
+use restaurant_platform::{db::Tx, outbox};
+
+use crate::{
+    App,
+    domain::{
+        CancelOutcome, CompleteOutcome, CookStatus, Ticket, cancel_outcome, complete_outcome,
+        reservation_plan, shortage_reason,
+    },
+    store::{self, TicketKey},
+};
+
+pub const CANCEL_REASON: &str = "cancelled by customer";
+
+async fn emit(tx: &mut Tx, order_id: &str, event: Event, cause: &Cause) -> Result<(), sqlx::Error> {
+    outbox::emit(tx, crate::NAME, order_id, &event, cause).await?;
+    Ok(())
+}
+
+/// An order arrived: reserve every line or none, and open a ticket that
+/// says which.
+pub async fn take_order(
+    app: &App,
+    tx: &mut Tx,
+    order_id: &str,
+    order: &OrderPlaced,
+    cause: &Cause,
+) -> Result<(), sqlx::Error> {
+    if store::ticket_for_update(&app.ctx.db, tx, TicketKey::OrderId, order_id)
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let now = now_ms();
+    let mut ticket = Ticket {
+        id: new_id(),
+        order_id: order_id.to_owned(),
+        restaurant_id: order.restaurant_id.clone(),
+        items: order.items.clone(),
+        address: order.address.clone(),
+        status: CookStatus::Cooking,
+        reason: None,
+        complete_at: None,
+        created_at: now,
+        updated_at: now,
+    };
+    if store::is_tombstoned(tx, order_id).await? {
+        // The customer cancelled before we saw the order; CookCancelled went
+        // out then. Keep a ticket so the history is complete.
+        ticket.status = CookStatus::Cancelled;
+        ticket.reason = Some("cancelled before cooking started".into());
+        return store::insert_ticket(tx, &ticket).await;
+    }
+    let plan = reservation_plan(&order.items);
+    match store::reserve(tx, &order.restaurant_id, &plan).await? {
+        Ok(()) => {
+            ticket.complete_at = app.cook_time.map(|d| now + d.as_millis() as i64);
+            store::insert_ticket(tx, &ticket).await?;
+            let checked = StockChecked {
+                cook_id: ticket.id.clone(),
+                in_stock: true,
+                shortages: vec![],
+                reason: None,
+            };
+            emit(tx, order_id, Event::StockChecked(checked), cause).await?;
+            let started = CookRef {
+                cook_id: ticket.id.clone(),
+            };
+            emit(tx, order_id, Event::CookStarted(started), cause).await?;
+            metrics::counter!("cook_orders_accepted_total").increment(1);
+        }
+        Err(shortages) => {
+            let reason = shortage_reason(&shortages);
+            ticket.status = CookStatus::Rejected;
+            ticket.reason = Some(reason.clone());
+            store::insert_ticket(tx, &ticket).await?;
+            let checked = StockChecked {
+                cook_id: ticket.id.clone(),
+                in_stock: false,
+                shortages,
+                reason: Some(reason),
+            };
+            emit(tx, order_id, Event::StockChecked(checked), cause).await?;
+            metrics::counter!("cook_orders_rejected_total").increment(1);
+        }
+    }
+    Ok(())
+}
+
+/// The result of a cancel request, for the caller to answer with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancellation {
+    pub outcome: CancelOutcome,
+    pub cook_id: Option<String>,
+    pub reason: String,
+}
+
+/// Cancels the order's ticket and restores its stock, or says why not.
+/// Repeating it is harmless: the second call finds the ticket cancelled.
+pub async fn cancel_order(
+    app: &App,
+    tx: &mut Tx,
+    order_id: &str,
+    cause: &Cause,
+) -> Result<Cancellation, sqlx::Error> {
+    let ticket = store::ticket_for_update(&app.ctx.db, tx, TicketKey::OrderId, order_id).await?;
+    let Some(mut ticket) = ticket else {
+        // Not seen yet: remember, so the order is refused on arrival.
+        if store::tombstone(tx, order_id).await? {
+            let ev = Event::CookCancelled(CookCancelled {
+                cook_id: None,
+                reason: CANCEL_REASON.into(),
+            });
+            emit(tx, order_id, ev, cause).await?;
+        }
+        return Ok(Cancellation {
+            outcome: CancelOutcome::Cancel,
+            cook_id: None,
+            reason: CANCEL_REASON.into(),
+        });
+    };
+    let outcome = cancel_outcome(ticket.status);
+    let reason = match outcome {
+        CancelOutcome::Cancel => {
+            store::restore(tx, &ticket.restaurant_id, &reservation_plan(&ticket.items)).await?;
+            ticket.status = CookStatus::Cancelled;
+            ticket.reason = Some(CANCEL_REASON.into());
+            ticket.complete_at = None;
+            ticket.updated_at = now_ms();
+            store::update_ticket(tx, &ticket).await?;
+            let ev = Event::CookCancelled(CookCancelled {
+                cook_id: Some(ticket.id.clone()),
+                reason: CANCEL_REASON.into(),
+            });
+            emit(tx, order_id, ev, cause).await?;
+            metrics::counter!("cook_orders_cancelled_total").increment(1);
+            CANCEL_REASON.to_owned()
+        }
+        CancelOutcome::AlreadyCancelled => CANCEL_REASON.to_owned(),
+        CancelOutcome::NothingReserved => ticket
+            .reason
+            .clone()
+            .unwrap_or_else(|| "the order was rejected".into()),
+        CancelOutcome::TooLate => "already cooked".to_owned(),
+    };
+    Ok(Cancellation {
+        outcome,
+        cook_id: Some(ticket.id),
+        reason,
+    })
+}
+
+/// Marks a ticket cooked. `None` if there is no such ticket.
+pub async fn complete(
+    app: &App,
+    id: &str,
+    cause: &Cause,
+) -> Result<Option<(Ticket, CompleteOutcome)>, sqlx::Error> {
+    let mut tx = app.ctx.db.begin().await?;
+    let Some(mut ticket) = store::ticket_for_update(&app.ctx.db, &mut tx, TicketKey::Id, id).await?
+    else {
+        return Ok(None);
+    };
+    let outcome = complete_outcome(ticket.status);
+    if outcome == CompleteOutcome::Complete {
+        ticket.status = CookStatus::Cooked;
+        ticket.complete_at = None;
+        ticket.updated_at = now_ms();
+        store::update_ticket(&mut tx, &ticket).await?;
+        let ev = Event::CookCompleted(CookCompleted {
+            cook_id: ticket.id.clone(),
+            restaurant_id: ticket.restaurant_id.clone(),
+            address: ticket.address.clone(),
+        });
+        emit(&mut tx, &ticket.order_id, ev, cause).await?;
+        tx.commit().await?;
+        app.ctx.outbox.notify();
+        metrics::counter!("cook_orders_completed_total").increment(1);
+    }
+    Ok(Some((ticket, outcome)))
+}
+
+/// One pass of the automatic-completion timer.
+pub async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
+    const BATCH: i64 = 256;
+    let due = store::due_tickets(&app.ctx.db, now_ms(), BATCH).await?;
+    for id in &due {
+        complete(app, id, &Cause::default()).await?;
+    }
+    if due.len() as i64 == BATCH {
+        return Ok(Some(now_ms()));
+    }
+    Ok(store::next_due(&app.ctx.db).await?)
+}

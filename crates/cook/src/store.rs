@@ -1,0 +1,295 @@
+//! The kitchen's SQL: menus with stock, cook tickets, cancel tombstones.
+
+use restaurant_contract::{OrderLine, Shortage, now_ms};
+use restaurant_platform::db::{Db, Tx};
+use sqlx::{AssertSqlSafe, Row, any::AnyRow};
+
+use crate::domain::{CookStatus, MenuItem, Ticket};
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Menu {
+    pub restaurant_id: String,
+    pub menu_id: String,
+    pub name: String,
+    pub price: i64,
+    pub stock: i64,
+}
+
+/// Creates or replaces a menu item; `true` if it was created.
+pub async fn put_menu(
+    db: &Db,
+    restaurant_id: &str,
+    menu_id: &str,
+    item: &MenuItem,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let existed = sqlx::query("SELECT 1 FROM menus WHERE restaurant_id = $1 AND menu_id = $2")
+        .bind(restaurant_id)
+        .bind(menu_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+    sqlx::query(
+        "INSERT INTO menus (restaurant_id, menu_id, name, price, stock, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (restaurant_id, menu_id) DO UPDATE SET \
+         name = excluded.name, price = excluded.price, stock = excluded.stock, \
+         updated_at = excluded.updated_at",
+    )
+    .bind(restaurant_id)
+    .bind(menu_id)
+    .bind(&item.name)
+    .bind(item.price)
+    .bind(item.stock)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(!existed)
+}
+
+fn menu_from_row(r: &AnyRow) -> Result<Menu, sqlx::Error> {
+    Ok(Menu {
+        restaurant_id: r.try_get(0)?,
+        menu_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        price: r.try_get(3)?,
+        stock: r.try_get(4)?,
+    })
+}
+
+pub async fn menus(db: &Db, restaurant_id: &str) -> Result<Vec<Menu>, sqlx::Error> {
+    sqlx::query(
+        "SELECT restaurant_id, menu_id, name, price, stock FROM menus \
+         WHERE restaurant_id = $1 ORDER BY menu_id",
+    )
+    .bind(restaurant_id)
+    .fetch_all(db.reader())
+    .await?
+    .iter()
+    .map(menu_from_row)
+    .collect()
+}
+
+pub async fn menu_count(db: &Db) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM menus")
+        .fetch_one(db.reader())
+        .await
+}
+
+/// Takes `plan` out of stock, all lines or none. Each line is a conditional
+/// decrement (`stock >= qty`), which on SQLite runs under the single writer
+/// and on PostgreSQL locks the row: two orders can never both take the last
+/// unit. If any line is short, the lines already taken are put back in the
+/// same transaction and the shortages are returned.
+pub async fn reserve(
+    tx: &mut Tx,
+    restaurant_id: &str,
+    plan: &[(String, i64)],
+) -> Result<Result<(), Vec<Shortage>>, sqlx::Error> {
+    for (i, (menu_id, qty)) in plan.iter().enumerate() {
+        let taken = sqlx::query(
+            "UPDATE menus SET stock = stock - $3 \
+             WHERE restaurant_id = $1 AND menu_id = $2 AND stock >= $3",
+        )
+        .bind(restaurant_id)
+        .bind(menu_id)
+        .bind(*qty)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !taken {
+            restore(tx, restaurant_id, &plan[..i]).await?;
+            return Ok(Err(shortages(tx, restaurant_id, plan).await?));
+        }
+    }
+    Ok(Ok(()))
+}
+
+async fn shortages(
+    tx: &mut Tx,
+    restaurant_id: &str,
+    plan: &[(String, i64)],
+) -> Result<Vec<Shortage>, sqlx::Error> {
+    let mut out = Vec::new();
+    for (menu_id, qty) in plan {
+        let available: Option<i64> =
+            sqlx::query_scalar("SELECT stock FROM menus WHERE restaurant_id = $1 AND menu_id = $2")
+                .bind(restaurant_id)
+                .bind(menu_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        if available.is_none_or(|a| a < *qty) {
+            out.push(Shortage {
+                menu_id: menu_id.clone(),
+                requested: *qty,
+                available,
+            });
+        }
+    }
+    Ok(out)
+}
+
+pub async fn restore(
+    tx: &mut Tx,
+    restaurant_id: &str,
+    plan: &[(String, i64)],
+) -> Result<(), sqlx::Error> {
+    for (menu_id, qty) in plan {
+        sqlx::query(
+            "UPDATE menus SET stock = stock + $3 WHERE restaurant_id = $1 AND menu_id = $2",
+        )
+        .bind(restaurant_id)
+        .bind(menu_id)
+        .bind(*qty)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+const TICKET_COLUMNS: &str = "id, order_id, restaurant_id, items, address, status, reason, \
+                              complete_at, created_at, updated_at";
+
+fn ticket_from_row(r: &AnyRow) -> Result<Ticket, sqlx::Error> {
+    let items: String = r.try_get(3)?;
+    let status: String = r.try_get(5)?;
+    Ok(Ticket {
+        id: r.try_get(0)?,
+        order_id: r.try_get(1)?,
+        restaurant_id: r.try_get(2)?,
+        items: serde_json::from_str::<Vec<OrderLine>>(&items)
+            .map_err(|e| sqlx::Error::Decode(e.into()))?,
+        address: r.try_get(4)?,
+        status: CookStatus::parse(&status)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?,
+        reason: r.try_get(6)?,
+        complete_at: r.try_get(7)?,
+        created_at: r.try_get(8)?,
+        updated_at: r.try_get(9)?,
+    })
+}
+
+pub async fn insert_ticket(tx: &mut Tx, t: &Ticket) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO cooks (id, order_id, restaurant_id, items, address, status, reason, \
+         complete_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&t.id)
+    .bind(&t.order_id)
+    .bind(&t.restaurant_id)
+    .bind(serde_json::to_string(&t.items).expect("serializes"))
+    .bind(&t.address)
+    .bind(t.status.as_str())
+    .bind(&t.reason)
+    .bind(t.complete_at)
+    .bind(t.created_at)
+    .bind(t.updated_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn update_ticket(tx: &mut Tx, t: &Ticket) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE cooks SET status = $2, reason = $3, complete_at = $4, updated_at = $5 WHERE id = $1",
+    )
+    .bind(&t.id)
+    .bind(t.status.as_str())
+    .bind(&t.reason)
+    .bind(t.complete_at)
+    .bind(t.updated_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Loads a ticket (by id or by order id) to change it, locking its row.
+pub async fn ticket_for_update(
+    db: &Db,
+    tx: &mut Tx,
+    column: TicketKey,
+    value: &str,
+) -> Result<Option<Ticket>, sqlx::Error> {
+    let col = match column {
+        TicketKey::Id => "id",
+        TicketKey::OrderId => "order_id",
+    };
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT {TICKET_COLUMNS} FROM cooks WHERE {col} = $1{}",
+        db.lock_suffix()
+    )))
+    .bind(value)
+    .fetch_optional(&mut **tx)
+    .await?
+    .map(|r| ticket_from_row(&r))
+    .transpose()
+}
+
+#[derive(Clone, Copy)]
+pub enum TicketKey {
+    Id,
+    OrderId,
+}
+
+pub async fn ticket(db: &Db, key: TicketKey, value: &str) -> Result<Option<Ticket>, sqlx::Error> {
+    let col = match key {
+        TicketKey::Id => "id",
+        TicketKey::OrderId => "order_id",
+    };
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT {TICKET_COLUMNS} FROM cooks WHERE {col} = $1"
+    )))
+    .bind(value)
+    .fetch_optional(db.reader())
+    .await?
+    .map(|r| ticket_from_row(&r))
+    .transpose()
+}
+
+/// Records that `order_id` was cancelled before its ticket existed; `true`
+/// if this is the first such record.
+pub async fn tombstone(tx: &mut Tx, order_id: &str) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT INTO cancelled_orders (order_id, cancelled_at) VALUES ($1, $2) \
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+pub async fn is_tombstoned(tx: &mut Tx, order_id: &str) -> Result<bool, sqlx::Error> {
+    Ok(
+        sqlx::query("SELECT 1 FROM cancelled_orders WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some(),
+    )
+}
+
+/// Tickets whose automatic completion is due at `now`.
+pub async fn due_tickets(db: &Db, now: i64, limit: i64) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM cooks WHERE status = 'COOKING' AND complete_at IS NOT NULL \
+         AND complete_at <= $1 ORDER BY complete_at LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(db.reader())
+    .await
+}
+
+pub async fn next_due(db: &Db) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT MIN(complete_at) FROM cooks WHERE status = 'COOKING' AND complete_at IS NOT NULL",
+    )
+    .fetch_one(db.reader())
+    .await
+}

@@ -1,0 +1,307 @@
+//! The delivery service. On `CookCompleted` it starts a delivery
+//! (`DeliveryStarted`); `POST /deliveries/{id}/complete` or the durable
+//! timer completes it (`DeliveryCompleted`). Small enough for one file:
+//! status rules, SQL, handlers and wiring, in that order.
+#![forbid(unsafe_code)]
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::State,
+    routing::{get, post},
+};
+use restaurant_contract::{
+    Cause, CookCompleted, DeliveryRef, DeliveryStarted, Envelope, Event, new_id, now_ms,
+};
+use restaurant_platform::{
+    consumer::{HandleError, Handler},
+    db::{Db, Migrations, Tx},
+    http::{Json, Path, Problem, Query, RequestContext},
+    outbox, rfc3339,
+    service::{RunningService, ServiceContext, ServiceHost},
+    timer,
+};
+use serde::{Deserialize, Serialize};
+use sqlx::{AssertSqlSafe, Row, any::AnyRow};
+use tokio::{net::TcpListener, sync::Notify};
+
+pub const NAME: &str = "delivery";
+
+pub fn migrations() -> Migrations {
+    Migrations {
+        sqlite: sqlx::migrate!("migrations/sqlite"),
+        postgres: sqlx::migrate!("migrations/postgres"),
+    }
+}
+
+// ---- domain ---------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DeliveryStatus {
+    Delivering,
+    Delivered,
+}
+
+impl DeliveryStatus {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "DELIVERING" => Some(DeliveryStatus::Delivering),
+            "DELIVERED" => Some(DeliveryStatus::Delivered),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    pub id: String,
+    pub delivery_id: String,
+    pub order_id: String,
+    pub cook_id: String,
+    pub address: String,
+    pub status: DeliveryStatus,
+    #[serde(serialize_with = "ser_opt_time")]
+    pub complete_at: Option<i64>,
+    #[serde(serialize_with = "ser_time")]
+    pub created_at: i64,
+    #[serde(serialize_with = "ser_time")]
+    pub updated_at: i64,
+}
+
+fn ser_time<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*ms))
+}
+
+fn ser_opt_time<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match ms {
+        Some(ms) => s.serialize_str(&rfc3339(*ms)),
+        None => s.serialize_none(),
+    }
+}
+
+// ---- store ----------------------------------------------------------------
+
+const COLUMNS: &str =
+    "id, order_id, cook_id, address, status, complete_at, created_at, updated_at";
+
+fn from_row(r: &AnyRow) -> Result<Delivery, sqlx::Error> {
+    let status: String = r.try_get(4)?;
+    let id: String = r.try_get(0)?;
+    Ok(Delivery {
+        delivery_id: id.clone(),
+        id,
+        order_id: r.try_get(1)?,
+        cook_id: r.try_get(2)?,
+        address: r.try_get(3)?,
+        status: DeliveryStatus::parse(&status)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?,
+        complete_at: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+        updated_at: r.try_get(7)?,
+    })
+}
+
+async fn find(db: &Db, column: &'static str, value: &str) -> Result<Option<Delivery>, sqlx::Error> {
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM deliveries WHERE {column} = $1"
+    )))
+    .bind(value)
+    .fetch_optional(db.reader())
+    .await?
+    .map(|r| from_row(&r))
+    .transpose()
+}
+
+// ---- operations -------------------------------------------------------------
+
+#[derive(Clone)]
+pub struct App {
+    pub ctx: ServiceContext,
+    pub delivery_time: Option<Duration>,
+    pub timer_wake: Arc<Notify>,
+}
+
+/// Cooking is done: start the delivery (once per order).
+async fn start_delivery(
+    app: &App,
+    tx: &mut Tx,
+    order_id: &str,
+    cooked: &CookCompleted,
+    cause: &Cause,
+) -> Result<(), sqlx::Error> {
+    let now = now_ms();
+    let id = new_id();
+    let inserted = sqlx::query(
+        "INSERT INTO deliveries (id, order_id, cook_id, address, status, complete_at, \
+         created_at, updated_at) VALUES ($1, $2, $3, $4, 'DELIVERING', $5, $6, $6) \
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(order_id)
+    .bind(&cooked.cook_id)
+    .bind(&cooked.address)
+    .bind(app.delivery_time.map(|d| now + d.as_millis() as i64))
+    .bind(now)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if inserted {
+        let ev = Event::DeliveryStarted(DeliveryStarted {
+            delivery_id: id,
+            cook_id: cooked.cook_id.clone(),
+            address: cooked.address.clone(),
+        });
+        outbox::emit(tx, NAME, order_id, &ev, cause).await?;
+    }
+    Ok(())
+}
+
+/// Completes a delivery; `None` if there is no such delivery. Completing a
+/// delivered one again changes nothing.
+async fn complete(app: &App, id: &str, cause: &Cause) -> Result<Option<Delivery>, sqlx::Error> {
+    let mut tx = app.ctx.db.begin().await?;
+    let done = sqlx::query(
+        "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL, updated_at = $2 \
+         WHERE id = $1 AND status = 'DELIVERING' RETURNING order_id",
+    )
+    .bind(id)
+    .bind(now_ms())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(row) = done {
+        let order_id: String = row.try_get(0)?;
+        let ev = Event::DeliveryCompleted(DeliveryRef {
+            delivery_id: id.to_owned(),
+        });
+        outbox::emit(&mut tx, NAME, &order_id, &ev, cause).await?;
+        tx.commit().await?;
+        app.ctx.outbox.notify();
+        metrics::counter!("deliveries_completed_total").increment(1);
+    } else {
+        tx.rollback().await?;
+    }
+    find(&app.ctx.db, "id", id).await
+}
+
+async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
+    const BATCH: i64 = 256;
+    let db = &app.ctx.db;
+    let due: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM deliveries WHERE status = 'DELIVERING' AND complete_at IS NOT NULL \
+         AND complete_at <= $1 ORDER BY complete_at LIMIT $2",
+    )
+    .bind(now_ms())
+    .bind(BATCH)
+    .fetch_all(db.reader())
+    .await?;
+    for id in &due {
+        complete(app, id, &Cause::default()).await?;
+    }
+    if due.len() as i64 == BATCH {
+        return Ok(Some(now_ms()));
+    }
+    Ok(sqlx::query_scalar(
+        "SELECT MIN(complete_at) FROM deliveries WHERE status = 'DELIVERING' \
+         AND complete_at IS NOT NULL",
+    )
+    .fetch_one(db.reader())
+    .await?)
+}
+
+// ---- handlers -----------------------------------------------------------------
+
+pub struct DeliveryEvents(pub App);
+
+impl Handler for DeliveryEvents {
+    const TYPES: &'static [&'static str] = &["CookCompleted"];
+
+    async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
+        if let Event::CookCompleted(cooked) = event {
+            start_delivery(&self.0, tx, &env.order_id, &cooked, &env.as_cause()).await?;
+        }
+        Ok(())
+    }
+
+    fn after_commit(&self) {
+        self.0.timer_wake.notify_one();
+    }
+}
+
+async fn get_delivery(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<Delivery>, Problem> {
+    find(&app.ctx.db, "id", &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no delivery {id}")))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ByOrder {
+    order_id: Option<String>,
+}
+
+async fn list_deliveries(
+    State(app): State<App>,
+    Query(q): Query<ByOrder>,
+) -> Result<Json<Vec<Delivery>>, Problem> {
+    let order_id = q
+        .order_id
+        .filter(|o| !o.is_empty())
+        .ok_or_else(|| Problem::bad_request("the orderId query parameter is required"))?;
+    let d = find(&app.ctx.db, "order_id", &order_id).await?;
+    Ok(Json(d.into_iter().collect()))
+}
+
+async fn complete_delivery(
+    State(app): State<App>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> Result<Json<Delivery>, Problem> {
+    complete(&app, &id, &ctx.cause())
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no delivery {id}")))
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// Deliveries complete by themselves this long after they start.
+    pub delivery_time: Option<Duration>,
+}
+
+pub async fn start(
+    ctx: ServiceContext,
+    listener: TcpListener,
+    config: Config,
+) -> std::io::Result<RunningService> {
+    let app = App {
+        ctx: ctx.clone(),
+        delivery_time: config.delivery_time,
+        timer_wake: Arc::new(Notify::new()),
+    };
+    let router = Router::new()
+        .route("/deliveries", get(list_deliveries))
+        .route("/deliveries/{id}", get(get_delivery))
+        .route("/deliveries/{id}/complete", post(complete_delivery))
+        .with_state(app.clone());
+    let mut host = ServiceHost::new(ctx.clone());
+    host.consume(Arc::new(DeliveryEvents(app.clone())));
+    let timer_app = app.clone();
+    host.spawn(timer::run(
+        "delivery-complete",
+        app.timer_wake.clone(),
+        ctx.shutdown.clone(),
+        move || {
+            let app = timer_app.clone();
+            async move { complete_due(&app).await }
+        },
+    ));
+    host.serve(listener, router)
+}

@@ -1,0 +1,267 @@
+//! The order API: place, read, list, cancel.
+
+use axum::{
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use restaurant_contract::{Cause, Event, OrderLine, new_id, now_ms};
+use restaurant_platform::{
+    db::Tx,
+    http::{Json, Path, Problem, Query, RequestContext},
+    outbox, rfc3339,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    App,
+    domain::{CancelDecision, NewOrder, Order, OrderStatus, decide_cancel},
+    kitchen::KitchenAnswer,
+    store,
+};
+
+pub const CANCELLED_BY_CUSTOMER: &str = "cancelled by customer";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlaceOrder {
+    customer_id: String,
+    restaurant_id: String,
+    items: Vec<OrderLine>,
+    address: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderView {
+    id: String,
+    order_id: String,
+    customer_id: String,
+    restaurant_id: String,
+    items: Vec<OrderLine>,
+    address: String,
+    status: OrderStatus,
+    reason: Option<String>,
+    cook_id: Option<String>,
+    delivery_id: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl From<Order> for OrderView {
+    fn from(o: Order) -> Self {
+        OrderView {
+            order_id: o.id.clone(),
+            id: o.id,
+            customer_id: o.customer_id,
+            restaurant_id: o.restaurant_id,
+            items: o.items,
+            address: o.address,
+            status: o.status,
+            reason: o.reason,
+            cook_id: o.cook_id,
+            delivery_id: o.delivery_id,
+            created_at: rfc3339(o.created_at),
+            updated_at: rfc3339(o.updated_at),
+        }
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            Problem::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+fn created(order: Order, replayed: bool) -> Response {
+    let location = format!("/orders/{}", order.id);
+    let mut res = (StatusCode::CREATED, Json(OrderView::from(order))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    if replayed {
+        res.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    res
+}
+
+pub async fn place(
+    State(app): State<App>,
+    ctx: RequestContext,
+    headers: HeaderMap,
+    Json(req): Json<PlaceOrder>,
+) -> Result<Response, Problem> {
+    let key = idempotency_key(&headers)?;
+    let new = NewOrder::parse(&req.customer_id, &req.restaurant_id, &req.items, &req.address)
+        .map_err(Problem::validation)?;
+    let fingerprint = new.fingerprint();
+    let (order, event) = new.place(new_id());
+    let mut tx = app.ctx.db.begin().await?;
+    if let Some(key) = &key {
+        if let Some((earlier, order_id)) =
+            store::claim_key(&mut tx, key, &fingerprint, &order.id, order.created_at).await?
+        {
+            tx.rollback().await?;
+            if earlier != fingerprint {
+                return Err(Problem::validation(
+                    "this Idempotency-Key was already used for a different request",
+                )
+                .with("orderId", order_id));
+            }
+            let existing = store::get(&app.ctx.db, &order_id)
+                .await?
+                .ok_or_else(|| Problem::internal("idempotency key points to a missing order"))?;
+            return Ok(created(existing, true));
+        }
+    }
+    store::insert(&mut tx, &order).await?;
+    outbox::emit(&mut tx, crate::NAME, &order.id, &event, &ctx.cause()).await?;
+    tx.commit().await?;
+    app.ctx.outbox.notify();
+    metrics::counter!("orders_placed_total").increment(1);
+    tracing::info!(order_id = %order.id, request_id = %ctx.request_id, "order placed");
+    Ok(created(order, false))
+}
+
+pub async fn get(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, Problem> {
+    store::get(&app.ctx.db, &id)
+        .await?
+        .map(|o| Json(o.into()))
+        .ok_or_else(|| Problem::not_found(format!("no order {id}")))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    customer_id: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn list(
+    State(app): State<App>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<OrderView>>, Problem> {
+    let customer = q
+        .customer_id
+        .filter(|c| !c.trim().is_empty())
+        .ok_or_else(|| Problem::bad_request("the customerId query parameter is required"))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::bad_request("limit must be between 1 and 1000"));
+    }
+    let orders = store::list_by_customer(&app.ctx.db, &customer, limit).await?;
+    Ok(Json(orders.into_iter().map(Into::into).collect()))
+}
+
+/// Loads an order for change, applies `change`, saves it and the event it
+/// returns in the caller's transaction.
+pub async fn change_in(
+    app: &App,
+    tx: &mut Tx,
+    id: &str,
+    cause: &Cause,
+    change: impl FnOnce(&mut Order) -> Option<Event>,
+) -> Result<Option<Order>, sqlx::Error> {
+    let Some(mut order) = store::load_for_update(&app.ctx.db, tx, id).await? else {
+        return Ok(None);
+    };
+    let before = order.clone();
+    let event = change(&mut order);
+    if order != before {
+        order.updated_at = now_ms();
+        store::update(tx, &order).await?;
+    }
+    if let Some(event) = event {
+        outbox::emit(tx, crate::NAME, id, &event, cause).await?;
+    }
+    Ok(Some(order))
+}
+
+async fn change(
+    app: &App,
+    id: &str,
+    cause: &Cause,
+    f: impl FnOnce(&mut Order) -> Option<Event>,
+) -> Result<Order, Problem> {
+    let mut tx = app.ctx.db.begin().await?;
+    let order = change_in(app, &mut tx, id, cause, f)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
+    tx.commit().await?;
+    app.ctx.outbox.notify();
+    Ok(order)
+}
+
+/// Answers a cancel request from where the order now stands.
+fn cancel_response(order: Order, kitchen_said: Option<&str>) -> Response {
+    match order.status {
+        OrderStatus::Cancelled => (StatusCode::OK, Json(OrderView::from(order))).into_response(),
+        OrderStatus::CancelPending => {
+            (StatusCode::ACCEPTED, Json(OrderView::from(order))).into_response()
+        }
+        status => {
+            let detail = match (status, kitchen_said) {
+                (_, Some(why)) if !why.is_empty() => {
+                    format!("too late to cancel: the kitchen refused ({why})")
+                }
+                (OrderStatus::Rejected, _) => "the order was rejected; nothing to cancel".into(),
+                (OrderStatus::Delivered, _) => "the order was already delivered".into(),
+                (OrderStatus::Delivering, _) => "the order is out for delivery".into(),
+                _ => "too late to cancel: the order was already cooked".into(),
+            };
+            Problem::conflict(detail)
+                .with("orderId", &order.id)
+                .with("status", status)
+                .into_response()
+        }
+    }
+}
+
+pub async fn cancel(
+    State(app): State<App>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let order = store::get(&app.ctx.db, &id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
+    if decide_cancel(order.status) != CancelDecision::AskKitchen {
+        return Ok(cancel_response(order, None));
+    }
+    // No transaction is open while we wait for the kitchen: a slow kitchen
+    // must not hold the order database's writer.
+    let answer = app
+        .kitchen
+        .cancel(&id, &ctx.request_id, &ctx.trace.to_string())
+        .await;
+    let cause = ctx.cause();
+    match answer {
+        KitchenAnswer::Cancelled { .. } => {
+            let order = change(&app, &id, &cause, |o| o.cancelled(CANCELLED_BY_CUSTOMER)).await?;
+            Ok(cancel_response(order, None))
+        }
+        KitchenAnswer::TooLate { reason } => {
+            let order = store::get(&app.ctx.db, &id).await?.unwrap_or(order);
+            Ok(cancel_response(order, Some(&reason)))
+        }
+        KitchenAnswer::Unavailable { why } => {
+            tracing::warn!(order_id = %id, why, "kitchen unavailable; cancel deferred");
+            let request_id = ctx.request_id.clone();
+            let order = change(&app, &id, &cause, |o| o.cancel_deferred(&request_id)).await?;
+            Ok(cancel_response(order, None))
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! The order service. It owns orders and runs the order side of the saga:
+//!
+//! - `POST /orders` stores the order and an `OrderPlaced` event in one
+//!   transaction ([`http::place`]); the kitchen takes it from there.
+//! - The kitchen's `StockChecked` accepts or rejects it; delivery events move
+//!   it on ([`events`], rules in [`domain`]).
+//! - `POST /orders/{id}/cancel` asks the kitchen synchronously
+//!   ([`kitchen`]); if the kitchen cannot answer, the cancel is stored as an
+//!   `OrderCancelRequested` event and the order waits in `CANCEL_PENDING`.
+#![forbid(unsafe_code)]
+
+pub mod domain;
+pub mod events;
+pub mod http;
+pub mod kitchen;
+pub mod store;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    routing::{get, post},
+};
+use restaurant_platform::{
+    db::Migrations,
+    service::{RunningService, ServiceContext, ServiceHost},
+};
+use tokio::net::TcpListener;
+
+pub const NAME: &str = "order";
+
+pub fn migrations() -> Migrations {
+    Migrations {
+        sqlite: sqlx::migrate!("migrations/sqlite"),
+        postgres: sqlx::migrate!("migrations/postgres"),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Base URL of the cook service, for the synchronous cancel call.
+    pub cook_url: String,
+    /// Deadline of that call; past it the cancel is deferred.
+    pub cancel_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct App {
+    pub ctx: ServiceContext,
+    pub kitchen: kitchen::Kitchen,
+}
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/orders", post(http::place).get(http::list))
+        .route("/orders/{id}", get(http::get).delete(http::cancel))
+        .route("/orders/{id}/cancel", post(http::cancel))
+        .with_state(app)
+}
+
+pub async fn start(
+    ctx: ServiceContext,
+    listener: TcpListener,
+    config: Config,
+) -> std::io::Result<RunningService> {
+    let app = App {
+        kitchen: kitchen::Kitchen::new(config.cook_url, config.cancel_timeout),
+        ctx: ctx.clone(),
+    };
+    let mut host = ServiceHost::new(ctx);
+    host.consume(Arc::new(events::OrderEvents(app.clone())));
+    host.serve(listener, router(app))
+}

@@ -1,0 +1,144 @@
+//! The order service's SQL. Every write runs inside a transaction the
+//! caller owns, so the state change and its outbox event commit together.
+
+use restaurant_contract::OrderLine;
+use restaurant_platform::db::{Db, Tx};
+use sqlx::{AssertSqlSafe, Row, any::AnyRow};
+
+use crate::domain::{Order, OrderStatus};
+
+const COLUMNS: &str = "id, customer_id, restaurant_id, items, address, status, reason, \
+                       cook_id, delivery_id, created_at, updated_at";
+
+fn from_row(r: &AnyRow) -> Result<Order, sqlx::Error> {
+    let items: String = r.try_get(3)?;
+    let status: String = r.try_get(5)?;
+    Ok(Order {
+        id: r.try_get(0)?,
+        customer_id: r.try_get(1)?,
+        restaurant_id: r.try_get(2)?,
+        items: serde_json::from_str::<Vec<OrderLine>>(&items)
+            .map_err(|e| sqlx::Error::Decode(e.into()))?,
+        address: r.try_get(4)?,
+        status: OrderStatus::parse(&status)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?,
+        reason: r.try_get(6)?,
+        cook_id: r.try_get(7)?,
+        delivery_id: r.try_get(8)?,
+        created_at: r.try_get(9)?,
+        updated_at: r.try_get(10)?,
+    })
+}
+
+pub async fn insert(tx: &mut Tx, o: &Order) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, restaurant_id, items, address, status, reason, \
+         cook_id, delivery_id, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(&o.id)
+    .bind(&o.customer_id)
+    .bind(&o.restaurant_id)
+    .bind(serde_json::to_string(&o.items).expect("serializes"))
+    .bind(&o.address)
+    .bind(o.status.as_str())
+    .bind(&o.reason)
+    .bind(&o.cook_id)
+    .bind(&o.delivery_id)
+    .bind(o.created_at)
+    .bind(o.updated_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Saves the mutable part of an order.
+pub async fn update(tx: &mut Tx, o: &Order) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE orders SET status = $2, reason = $3, cook_id = $4, delivery_id = $5, \
+         updated_at = $6 WHERE id = $1",
+    )
+    .bind(&o.id)
+    .bind(o.status.as_str())
+    .bind(&o.reason)
+    .bind(&o.cook_id)
+    .bind(&o.delivery_id)
+    .bind(o.updated_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Loads an order to change it, locking its row until commit.
+pub async fn load_for_update(db: &Db, tx: &mut Tx, id: &str) -> Result<Option<Order>, sqlx::Error> {
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM orders WHERE id = $1{}",
+        db.lock_suffix()
+    )))
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .map(|r| from_row(&r))
+    .transpose()
+}
+
+pub async fn get(db: &Db, id: &str) -> Result<Option<Order>, sqlx::Error> {
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM orders WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(db.reader())
+    .await?
+    .map(|r| from_row(&r))
+    .transpose()
+}
+
+pub async fn list_by_customer(
+    db: &Db,
+    customer_id: &str,
+    limit: i64,
+) -> Result<Vec<Order>, sqlx::Error> {
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 \
+         ORDER BY created_at DESC, id DESC LIMIT $2"
+    )))
+    .bind(customer_id)
+    .bind(limit)
+    .fetch_all(db.reader())
+    .await?
+    .iter()
+    .map(from_row)
+    .collect()
+}
+
+/// Claims an idempotency key for a new order. `Ok(None)` means the key was
+/// free and is now bound to `order_id`; `Ok(Some((fingerprint, order)))` is
+/// the earlier binding.
+pub async fn claim_key(
+    tx: &mut Tx,
+    key: &str,
+    fingerprint: &str,
+    order_id: &str,
+    now: i64,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (idem_key, fingerprint, order_id, created_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (idem_key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(fingerprint)
+    .bind(order_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if claimed {
+        return Ok(None);
+    }
+    let row = sqlx::query("SELECT fingerprint, order_id FROM idempotency_keys WHERE idem_key = $1")
+        .bind(key)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(Some((row.try_get(0)?, row.try_get(1)?)))
+}

@@ -1,0 +1,331 @@
+//! Idempotent consumers with poison handling.
+//!
+//! Delivery is at-least-once, so the same event may arrive twice, late, or
+//! out of order. A [`Consumer`] applies each event in one transaction of the
+//! service's own database that also records `(consumer, event_id)` in
+//! `processed_events`; a second delivery finds the record and does nothing.
+//! Because the record and the effect commit together, a crash at any point
+//! leaves either both or neither.
+//!
+//! An event that cannot be applied is retried a few times with backoff (a
+//! transient failure: a lock timeout, a full disk) and then parked in
+//! `dead_letters` with its error; one whose data violates the contract is
+//! parked at once. Parking acknowledges it, so it never blocks the events
+//! behind it. Parked events are listed and replayed over HTTP
+//! (`/admin/dead-letters`).
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use restaurant_contract::{Envelope, Event, now_ms};
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::{
+    bus::{Bus, Delivery},
+    db::{Db, Tx},
+    outbox::OutboxSignal,
+    shutdown::Shutdown,
+};
+
+/// Why an event could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// The event can never be applied (it contradicts the contract or the
+    /// handler's invariants): park it without retrying.
+    #[error("{0}")]
+    Permanent(String),
+    /// Possibly transient: retry, then park.
+    #[error(transparent)]
+    Transient(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for HandleError {
+    fn from(e: sqlx::Error) -> Self {
+        HandleError::Transient(e.into())
+    }
+}
+
+/// A service's reaction to events.
+pub trait Handler: Send + Sync + 'static {
+    /// The event types this handler wants; others are never delivered.
+    const TYPES: &'static [&'static str];
+
+    /// Applies `event` inside `tx`. Everything the handler writes, including
+    /// outgoing events through the outbox, commits with the dedup record.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        env: &'a Envelope,
+        event: Event,
+    ) -> impl Future<Output = Result<(), HandleError>> + Send + 'a;
+
+    /// Runs after a successful commit, e.g. to wake a timer.
+    fn after_commit(&self) {}
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub first_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            first_backoff: Duration::from_millis(20),
+        }
+    }
+}
+
+/// The outcome of offering one message to a consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+    /// A type this consumer does not handle (or this build does not know).
+    Ignored,
+    Parked,
+}
+
+pub struct Consumer<H> {
+    name: String,
+    db: Db,
+    handler: Arc<H>,
+    outbox: OutboxSignal,
+    retry: RetryPolicy,
+}
+
+const BATCH: usize = 128;
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+impl<H: Handler> Consumer<H> {
+    pub fn new(name: impl Into<String>, db: Db, handler: Arc<H>, outbox: OutboxSignal) -> Self {
+        Consumer {
+            name: name.into(),
+            db,
+            handler,
+            outbox,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Consumes until shutdown. A batch in hand is finished first: its
+    /// events are applied and acknowledged, or (if cut short) redelivered.
+    pub async fn run(self: Arc<Self>, bus: Bus, shutdown: Shutdown) {
+        let mut sub = loop {
+            match bus.subscribe(&self.name, H::TYPES).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.name, error = %e, "subscribe failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.wait() => return,
+                    }
+                }
+            }
+        };
+        while !shutdown.is_triggered() {
+            let batch = tokio::select! {
+                b = sub.next_batch(BATCH, IDLE_WAIT) => b,
+                _ = shutdown.wait() => return,
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.name, error = %e, "fetch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut done: Option<&Delivery> = None;
+            for d in &batch {
+                if self.offer(&d.payload, &shutdown).await.is_none() {
+                    break; // shutting down mid-retry: leave the rest unacked
+                }
+                done = Some(d);
+            }
+            if let Some(last) = done {
+                if let Err(e) = sub.ack(last).await {
+                    // Harmless: the events are applied; a redelivery is a duplicate.
+                    tracing::warn!(consumer = %self.name, error = %e, "ack failed");
+                }
+            }
+        }
+    }
+
+    /// Applies one raw message with retries and parking. `None` only when
+    /// shutdown interrupted the retries.
+    pub async fn offer(&self, payload: &str, shutdown: &Shutdown) -> Option<Outcome> {
+        let env = match Envelope::from_json(payload.as_bytes()) {
+            Ok(env) => env,
+            Err(e) => return Some(self.park(payload, None, &e.to_string(), 1).await),
+        };
+        let event = match env.event() {
+            Ok(Some(ev)) if H::TYPES.contains(&env.event_type.as_str()) => ev,
+            Ok(_) => return Some(Outcome::Ignored),
+            Err(e) => return Some(self.park(payload, Some(&env), &e.to_string(), 1).await),
+        };
+        let mut attempt = 1;
+        loop {
+            match self.apply(&env, event.clone()).await {
+                Ok(outcome) => return Some(outcome),
+                Err(HandleError::Permanent(msg)) => {
+                    return Some(self.park(payload, Some(&env), &msg, attempt).await);
+                }
+                Err(HandleError::Transient(e)) if attempt >= self.retry.max_attempts => {
+                    return Some(self.park(payload, Some(&env), &format!("{e:#}"), attempt).await);
+                }
+                Err(HandleError::Transient(e)) => {
+                    tracing::warn!(consumer = %self.name, event_id = %env.event_id, attempt, error = %e, "handler failed; retrying");
+                    let backoff = self.retry.first_backoff * 2u32.pow(attempt - 1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait() => return None,
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// One attempt: dedup record + effect in one transaction.
+    async fn apply(&self, env: &Envelope, event: Event) -> Result<Outcome, HandleError> {
+        let mut tx = self.db.begin().await?;
+        let fresh = sqlx::query(
+            "INSERT INTO processed_events (consumer, event_id, processed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.name)
+        .bind(&env.event_id)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !fresh {
+            tx.rollback().await?;
+            metrics::counter!("consumer_duplicates_total", "consumer" => self.name.clone())
+                .increment(1);
+            return Ok(Outcome::Duplicate);
+        }
+        self.handler.handle(&mut tx, env, event).await?;
+        tx.commit().await?;
+        self.outbox.notify();
+        self.handler.after_commit();
+        metrics::counter!("consumer_applied_total", "consumer" => self.name.clone(), "type" => env.event_type.clone()).increment(1);
+        Ok(Outcome::Applied)
+    }
+
+    async fn park(
+        &self,
+        payload: &str,
+        env: Option<&Envelope>,
+        error: &str,
+        attempts: u32,
+    ) -> Outcome {
+        tracing::error!(consumer = %self.name, event_id = ?env.map(|e| &e.event_id), error, "parking event as a dead letter");
+        metrics::counter!("consumer_dead_letters_total", "consumer" => self.name.clone())
+            .increment(1);
+        let mut wait = Duration::from_millis(100);
+        // Parking must not fail silently: the event would be lost. Keep
+        // trying; the database being down stops this consumer either way.
+        loop {
+            let res = sqlx::query(
+                "INSERT INTO dead_letters \
+                 (consumer, event_id, event_type, order_id, payload, error, attempts, parked_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&self.name)
+            .bind(env.map(|e| e.event_id.clone()))
+            .bind(env.map(|e| e.event_type.clone()))
+            .bind(env.map(|e| e.order_id.clone()))
+            .bind(payload)
+            .bind(error)
+            .bind(attempts as i64)
+            .bind(now_ms())
+            .execute(self.db.writer())
+            .await;
+            match res {
+                Ok(_) => return Outcome::Parked,
+                Err(e) => {
+                    tracing::error!(consumer = %self.name, error = %e, "cannot park dead letter; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, consumer, event_id, event_type, order_id, payload, error, attempts, parked_at \
+             FROM dead_letters WHERE consumer = $1 ORDER BY id",
+        )
+        .bind(&self.name)
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter().map(DeadLetter::from_row).collect()
+    }
+
+    /// Offers a parked event again, then removes it. If it fails again it
+    /// is parked anew (with the new error) before the old row goes, and a
+    /// crash in between leaves the old row to be replayed as a duplicate:
+    /// at no point is the event in neither place.
+    pub async fn replay(&self, id: i64) -> Result<Option<Outcome>, sqlx::Error> {
+        let payload: Option<String> =
+            sqlx::query_scalar("SELECT payload FROM dead_letters WHERE id = $1 AND consumer = $2")
+                .bind(id)
+                .bind(&self.name)
+                .fetch_optional(self.db.reader())
+                .await?;
+        let Some(payload) = payload else {
+            return Ok(None);
+        };
+        let outcome = self.offer(&payload, &Shutdown::new()).await;
+        sqlx::query("DELETE FROM dead_letters WHERE id = $1")
+            .bind(id)
+            .execute(self.db.writer())
+            .await?;
+        Ok(outcome)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub id: i64,
+    pub consumer: String,
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+    pub order_id: Option<String>,
+    pub payload: String,
+    pub error: String,
+    pub attempts: i64,
+    pub parked_at: String,
+}
+
+impl DeadLetter {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(DeadLetter {
+            id: r.try_get(0)?,
+            consumer: r.try_get(1)?,
+            event_id: r.try_get(2)?,
+            event_type: r.try_get(3)?,
+            order_id: r.try_get(4)?,
+            payload: r.try_get(5)?,
+            error: r.try_get(6)?,
+            attempts: r.try_get(7)?,
+            parked_at: crate::rfc3339(r.try_get(8)?),
+        })
+    }
+}

@@ -1,0 +1,208 @@
+//! Storage: one database per service, SQLite by default, PostgreSQL for
+//! scale-out, both through sqlx's `Any` driver so that every query is written
+//! once. The portable subset we keep to: `$n` placeholders, `BIGINT` for
+//! integers and epoch-millisecond times, `TEXT` for ids and JSON,
+//! `ON CONFLICT … DO NOTHING/UPDATE`, `RETURNING`. Where the dialects differ
+//! (auto-increment keys, row locks) the migrations come in two folders and
+//! [`Db::lock_suffix`] adds `FOR UPDATE` on PostgreSQL.
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    Any, AnyPool, AssertSqlSafe, Executor,
+    any::{AnyConnectOptions, AnyPoolOptions},
+    migrate::{Migration, Migrator},
+};
+
+pub type Tx = sqlx::Transaction<'static, Any>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A service's migrations in both dialects (same schema, same versions).
+pub struct Migrations {
+    pub sqlite: Migrator,
+    pub postgres: Migrator,
+}
+
+/// Platform tables (outbox, processed events, dead letters) take versions
+/// below 100; a service's own migrations start at 100.
+fn platform_migrations() -> Migrations {
+    Migrations {
+        sqlite: sqlx::migrate!("migrations/sqlite"),
+        postgres: sqlx::migrate!("migrations/postgres"),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Db {
+    backend: Backend,
+    /// Every transaction that writes. On SQLite this pool has exactly one
+    /// connection: SQLite has one writer anyway, and queueing writers here
+    /// instead of in SQLite's lock means no `SQLITE_BUSY` and no lock
+    /// upgrade deadlocks between a reader that turns writer and another.
+    write: AnyPool,
+    /// Plain reads. With WAL, SQLite readers never wait for the writer.
+    read: AnyPool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct DbOptions {
+    /// SQLite `synchronous=FULL` (fsync on every commit) instead of NORMAL.
+    /// NORMAL in WAL mode survives a process crash (kill -9) but may lose
+    /// the last commits on power loss; FULL survives both.
+    pub fsync: bool,
+    pub max_connections: u32,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            fsync: true,
+            max_connections: 8,
+        }
+    }
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `url` and migrates it.
+    /// `url` is `sqlite://path/to/file.db` or `postgres://…`.
+    pub async fn connect(
+        url: &str,
+        migrations: &Migrations,
+        opts: DbOptions,
+    ) -> Result<Db, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(sqlx::Error::Configuration(
+                format!("unsupported database url {url:?}: use sqlite:// or postgres://").into(),
+            ));
+        };
+        let db = match backend {
+            Backend::Sqlite => {
+                let url = if url.contains('?') {
+                    url.to_owned()
+                } else {
+                    format!("{url}?mode=rwc")
+                };
+                let options = AnyConnectOptions::from_str(&url)?;
+                let sync = if opts.fsync { "FULL" } else { "NORMAL" };
+                let pool = |n: u32| {
+                    AnyPoolOptions::new()
+                        .max_connections(n)
+                        .min_connections(1)
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                        .acquire_timeout(Duration::from_secs(30))
+                        .after_connect(move |conn, _| {
+                            Box::pin(async move {
+                                conn.execute(AssertSqlSafe(format!(
+                                    "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; \
+                                     PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;"
+                                )))
+                                .await?;
+                                Ok(())
+                            })
+                        })
+                };
+                let write = pool(1).connect_with(options.clone()).await?;
+                let read = pool(opts.max_connections.max(1)).connect_with(options).await?;
+                Db {
+                    backend,
+                    write,
+                    read,
+                }
+            }
+            Backend::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(opts.max_connections.max(2))
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(url)
+                    .await?;
+                Db {
+                    backend,
+                    write: pool.clone(),
+                    read: pool,
+                }
+            }
+        };
+        db.migrate(migrations).await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self, service: &Migrations) -> Result<(), sqlx::Error> {
+        let platform = platform_migrations();
+        let (platform, service) = match self.backend {
+            Backend::Sqlite => (platform.sqlite, &service.sqlite),
+            Backend::Postgres => (platform.postgres, &service.postgres),
+        };
+        let all: Vec<Migration> = platform
+            .migrations
+            .iter()
+            .chain(service.migrations.iter())
+            .cloned()
+            .collect();
+        Migrator::with_migrations(all).run(&self.write).await?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        self.write.begin().await
+    }
+
+    /// The pool for reads that need no transaction.
+    pub fn reader(&self) -> &AnyPool {
+        &self.read
+    }
+
+    /// The pool writes go to; for single-statement writes outside a transaction.
+    pub fn writer(&self) -> &AnyPool {
+        &self.write
+    }
+
+    /// Appended to a `SELECT` that must lock the rows it reads until commit.
+    /// SQLite needs none: its single writer connection serialises writers.
+    pub fn lock_suffix(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// Like [`Db::lock_suffix`], skipping rows another replica holds.
+    pub fn skip_locked_suffix(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+}
+
+/// `$first, $first+1, …` for `n` values: for `IN (…)` lists.
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

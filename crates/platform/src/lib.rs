@@ -1,0 +1,48 @@
+//! What every restaurant service shares, so that a service crate holds only
+//! its domain. Read in this order:
+//!
+//! - [`db`]: one database per service (SQLite file by default, PostgreSQL for
+//!   scale-out) behind one portable SQL dialect, with migrations.
+//! - [`outbox`]: events are written in the same transaction as the state
+//!   change that causes them; a relay moves them to the bus afterwards.
+//! - [`bus`]: the event bus. [`bus::EventLog`] is the embedded durable log
+//!   (SQLite, no server) with durable consumer positions.
+//! - [`consumer`]: at-least-once delivery made effectively-once: each event is
+//!   applied in the handler's own transaction together with a record of its
+//!   id; an event that keeps failing is parked as a dead letter.
+//! - [`timer`]: durable timers as "due at" columns polled by one loop.
+//! - [`http`]: problem-details errors, extractors that never leak a plain
+//!   rejection, request ids and trace context, health and metrics routes.
+//! - [`service`]: wiring a service's parts into running tasks.
+//! - [`shutdown`], [`telemetry`], [`client`].
+#![forbid(unsafe_code)]
+
+pub mod bus;
+pub mod client;
+pub mod consumer;
+pub mod db;
+pub mod http;
+pub mod outbox;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+pub mod timer;
+
+pub use restaurant_contract as contract;
+
+/// Formats epoch milliseconds as RFC 3339 (UTC), the form every API returns.
+pub fn rfc3339(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_milliseconds_as_rfc3339() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+}

@@ -1,0 +1,149 @@
+//! Transactional outbox. A service never publishes directly: it appends the
+//! event to its own `outbox` table in the transaction that changes its state,
+//! so either both happen or neither does. The relay then copies committed
+//! rows to the bus and deletes them; a crash between the two re-publishes,
+//! which the bus deduplicates on the event id and consumers tolerate anyway.
+
+use std::{sync::Arc, time::Duration};
+
+use restaurant_contract::{Cause, Envelope, Event, now_ms};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::Notify;
+
+use crate::{
+    bus::{Bus, OutgoingEvent},
+    db::{Db, Tx, placeholders},
+    shutdown::Shutdown,
+};
+
+/// Rows moved per relay transaction.
+const RELAY_BATCH: i64 = 512;
+/// How long the relay sleeps when nobody wakes it: a safety net for rows
+/// committed by another process (a replica, a CLI) that cannot signal us.
+const RELAY_IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// Appends `env` to the outbox inside `tx`.
+pub async fn append(tx: &mut Tx, env: &Envelope) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, order_id, event_type, payload, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&env.event_id)
+    .bind(&env.order_id)
+    .bind(&env.event_type)
+    .bind(env.to_json())
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    metrics::counter!("outbox_appended_total", "type" => env.event_type.clone()).increment(1);
+    Ok(())
+}
+
+/// Builds the envelope for `event` and appends it; the usual call.
+pub async fn emit(
+    tx: &mut Tx,
+    source: &str,
+    order_id: &str,
+    event: &Event,
+    cause: &Cause,
+) -> Result<Envelope, sqlx::Error> {
+    let env = Envelope::new(source, order_id, event, cause);
+    append(tx, &env).await?;
+    Ok(env)
+}
+
+/// Wakes the relay after a commit that appended events, so latency is the
+/// relay's work and not its poll interval.
+#[derive(Clone, Default, Debug)]
+pub struct OutboxSignal(Arc<Notify>);
+
+impl OutboxSignal {
+    pub fn notify(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Moves committed outbox rows to the bus until shutdown. On shutdown it
+/// drains what is committed first, so a graceful stop leaves nothing behind.
+pub async fn run_relay(db: Db, bus: Bus, signal: OutboxSignal, shutdown: Shutdown) {
+    let mut failures = 0u32;
+    loop {
+        match relay_batch(&db, &bus).await {
+            Ok(n) if n == RELAY_BATCH as usize => continue,
+            Ok(_) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "outbox relay failed; will retry");
+                let backoff = Duration::from_millis(50 * 2u64.pow(failures.min(6)));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => return,
+                }
+                continue;
+            }
+        }
+        if shutdown.is_triggered() {
+            return;
+        }
+        tokio::select! {
+            _ = signal.0.notified() => {}
+            _ = tokio::time::sleep(RELAY_IDLE_POLL) => {}
+            _ = shutdown.wait() => {
+                // One last pass for rows committed just before the signal.
+                if let Err(e) = relay_batch(&db, &bus).await {
+                    tracing::warn!(error = %e, "final outbox drain failed; rows stay for the next start");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Publishes one batch in `seq` order and deletes it, returning its size.
+/// On PostgreSQL the rows are locked with `SKIP LOCKED`, so replicas of a
+/// service relay disjoint batches.
+pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
+    let mut tx = db.begin().await?;
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT seq, event_id, order_id, event_type, payload FROM outbox \
+         ORDER BY seq LIMIT {RELAY_BATCH}{}",
+        db.skip_locked_suffix()
+    )))
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    let mut seqs = Vec::with_capacity(rows.len());
+    let mut batch = Vec::with_capacity(rows.len());
+    for row in &rows {
+        seqs.push(row.try_get::<i64, _>(0)?);
+        batch.push(OutgoingEvent {
+            event_id: row.try_get(1)?,
+            order_id: row.try_get(2)?,
+            event_type: row.try_get(3)?,
+            payload: row.try_get(4)?,
+        });
+    }
+    bus.publish(&batch).await?;
+    let sql = format!(
+        "DELETE FROM outbox WHERE seq IN ({})",
+        placeholders(1, seqs.len())
+    );
+    let mut delete = sqlx::query(AssertSqlSafe(sql));
+    for seq in &seqs {
+        delete = delete.bind(*seq);
+    }
+    delete.execute(&mut *tx).await?;
+    tx.commit().await?;
+    metrics::counter!("outbox_relayed_total").increment(batch.len() as u64);
+    Ok(batch.len())
+}
+
+/// Rows not yet relayed; exported as a gauge and used by tests.
+pub async fn pending(db: &Db) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+        .fetch_one(db.reader())
+        .await
+}

@@ -1,0 +1,42 @@
+//! Logs and metrics. Tracing goes to stderr (JSON with `RESTAURANT_LOG_JSON=1`);
+//! metrics go to one process-wide Prometheus recorder that every service in
+//! the process shares, each series labelled with its service.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the tracing subscriber; `RUST_LOG` overrides `default_filter`.
+pub fn init_tracing(default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) is harmless: try_init fails and we keep the first.
+    let _ = builder.try_init();
+}
+
+/// The process's Prometheus handle, installing the recorder on first use.
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    PROMETHEUS.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ])
+            .expect("static buckets are valid")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder is installed (a test harness);
+        // then this handle renders nothing, which is acceptable there.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+pub fn render_metrics() -> String {
+    metrics_handle().render()
+}

@@ -1,0 +1,44 @@
+//! Durable timers. A timer is a "due at" column in the service's table
+//! (a cook ticket's `complete_at`); this loop fires what is due and sleeps
+//! until the next one. Nothing lives only in memory, so a restart fires
+//! whatever came due while the process was down.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use restaurant_contract::now_ms;
+use tokio::sync::Notify;
+
+use crate::shutdown::Shutdown;
+
+/// Longest sleep between checks; bounds the delay for timers written by
+/// another process (a replica) that cannot wake us.
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+
+/// Calls `fire` until shutdown. `fire` handles every timer due now and
+/// returns the due time (epoch ms) of the next one, if any. `wake` is
+/// notified when a new timer is written.
+pub async fn run<F, Fut>(name: &'static str, wake: Arc<Notify>, shutdown: Shutdown, mut fire: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<i64>>>,
+{
+    while !shutdown.is_triggered() {
+        let sleep = match fire().await {
+            Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64).min(MAX_SLEEP),
+            Ok(None) => MAX_SLEEP,
+            Err(e) => {
+                tracing::warn!(timer = name, error = %e, "timer pass failed; retrying");
+                MAX_SLEEP
+            }
+        };
+        if sleep.is_zero() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = wake.notified() => {}
+            _ = shutdown.wait() => {}
+        }
+    }
+}
