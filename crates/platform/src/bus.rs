@@ -12,7 +12,7 @@ use restaurant_contract::now_ms;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
 
-use crate::db::{Db, DbOptions, Migrations, placeholders};
+use crate::db::{Db, DbOptions, placeholders};
 
 /// A committed outbox row on its way to the bus.
 #[derive(Debug, Clone)]
@@ -93,20 +93,13 @@ pub struct EventLog {
 
 impl EventLog {
     pub async fn open(path: &Path, fsync: bool) -> anyhow::Result<EventLog> {
-        let migrations = Migrations {
-            sqlite: sqlx::migrate!("migrations/eventlog"),
-            postgres: sqlx::migrate!("migrations/eventlog"),
-        };
         let url = format!("sqlite://{}", path.display());
-        let db = Db::connect(
-            &url,
-            &migrations,
-            DbOptions {
-                fsync,
-                max_connections: 4,
-            },
-        )
-        .await?;
+        let opts = DbOptions {
+            fsync,
+            max_connections: 4,
+        };
+        let db = Db::open(&url, opts).await?;
+        sqlx::migrate!("migrations/eventlog").run(db.writer()).await?;
         let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
             .fetch_one(db.reader())
             .await?;

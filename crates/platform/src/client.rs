@@ -47,6 +47,16 @@ impl JsonClient {
         JsonClient { inner }
     }
 
+    /// GETs `url`, returning status and body, within `deadline`.
+    pub async fn get(&self, url: &str, deadline: Duration) -> Result<(StatusCode, Bytes), CallError> {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(url)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| CallError::Invalid(e.to_string()))?;
+        self.send(req, deadline).await
+    }
+
     /// POSTs `body` as JSON, returning status and body, within `deadline`.
     pub async fn post_json<T: Serialize>(
         &self,
@@ -66,6 +76,14 @@ impl JsonClient {
         let req = req
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| CallError::Invalid(e.to_string()))?;
+        self.send(req, deadline).await
+    }
+
+    async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+        deadline: Duration,
+    ) -> Result<(StatusCode, Bytes), CallError> {
         let call = async {
             let res = self
                 .inner

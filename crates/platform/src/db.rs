@@ -75,6 +75,13 @@ impl Db {
         migrations: &Migrations,
         opts: DbOptions,
     ) -> Result<Db, sqlx::Error> {
+        let db = Self::open(url, opts).await?;
+        db.migrate(migrations).await?;
+        Ok(db)
+    }
+
+    /// Opens the database without migrating it.
+    pub async fn open(url: &str, opts: DbOptions) -> Result<Db, sqlx::Error> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -133,7 +140,6 @@ impl Db {
                 }
             }
         };
-        db.migrate(migrations).await?;
         Ok(db)
     }
 
