@@ -143,7 +143,7 @@ pub async fn complete_cook(
             "cook ticket {id} is {} and cannot be completed",
             ticket.status.as_str()
         ))
-        .with("status", ticket.status)),
+        .with("cookStatus", ticket.status)),
     }
 }
 

@@ -224,7 +224,7 @@ fn cancel_response(order: Order, kitchen_said: Option<&str>) -> Response {
             };
             Problem::conflict(detail)
                 .with("orderId", &order.id)
-                .with("status", status)
+                .with("orderStatus", status)
                 .into_response()
         }
     }

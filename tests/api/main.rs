@@ -1,0 +1,9 @@
+//! The system driven from outside, only through the gateway's HTTP API, as a
+//! client would. Each test starts its own system on port 0 with a fresh
+//! data directory, so tests run in parallel without sharing anything.
+
+mod bad_input;
+mod cancel;
+mod crash;
+mod helpers;
+mod saga;
