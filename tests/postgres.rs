@@ -1,0 +1,172 @@
+//! The same schema and SQL serve PostgreSQL: every service's migrations run
+//! on a fresh PostgreSQL database (one per service, as deployed), and the
+//! portable queries — stock reservation, row locks, idempotency keys, the
+//! outbox relay with SKIP LOCKED, an idempotent consumer — work there.
+//!
+//! Needs PostgreSQL at `DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); `scripts/services.sh`
+//! installs and starts it. If it is unreachable this test fails: it never
+//! skips.
+
+use std::sync::Arc;
+
+use restaurant_contract::{Cause, Envelope, Event, OrderLine, OrderPlaced, new_id};
+use restaurant_platform::{
+    bus::{Bus, EventLog},
+    consumer::{Consumer, Outcome},
+    db::{Backend, Db, DbOptions, Migrations},
+    outbox::{self, OutboxSignal},
+    shutdown::Shutdown,
+};
+use sqlx::{AssertSqlSafe, Connection, Executor};
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh database per service and run, dropped at the end.
+struct Databases {
+    admin: String,
+    names: Vec<String>,
+}
+
+impl Databases {
+    async fn create(&mut self, service: &str, m: Migrations) -> Db {
+        let name = format!("rt_{}_{service}", new_id().replace('-', ""));
+        let mut admin = sqlx::AnyConnection::connect(&self.admin)
+            .await
+            .expect("PostgreSQL must be reachable at DATABASE_URL: run scripts/services.sh");
+        admin
+            .execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .unwrap();
+        self.names.push(name.clone());
+        let base = self.admin.rsplit_once('/').unwrap().0;
+        let db = Db::connect(&format!("{base}/{name}"), &m, DbOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(db.backend(), Backend::Postgres);
+        db
+    }
+
+    async fn drop_all(self) {
+        let mut admin = sqlx::AnyConnection::connect(&self.admin).await.unwrap();
+        for n in self.names {
+            let _ = admin
+                .execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)")))
+                .await;
+        }
+    }
+}
+
+fn placed(customer: &str) -> Envelope {
+    let ev = Event::OrderPlaced(OrderPlaced {
+        customer_id: customer.into(),
+        restaurant_id: "r".into(),
+        items: vec![OrderLine {
+            menu_id: "m".into(),
+            qty: 2,
+        }],
+        address: "a".into(),
+    });
+    Envelope::new("order", &new_id(), &ev, &Cause::default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_schema_and_its_queries_run_on_postgresql() {
+    sqlx::any::install_default_drivers();
+    let mut dbs = Databases {
+        admin: admin_url(),
+        names: vec![],
+    };
+    let order = dbs.create("order", restaurant_order::migrations()).await;
+    let cook = dbs.create("cook", restaurant_cook::migrations()).await;
+    let _delivery = dbs.create("delivery", restaurant_delivery::migrations()).await;
+    let mypage = dbs.create("mypage", restaurant_mypage::migrations()).await;
+
+    // Order: insert, lock-and-update, idempotency keys.
+    use restaurant_order::{domain::NewOrder, store};
+    let line = OrderLine {
+        menu_id: "m".into(),
+        qty: 1,
+    };
+    let (o, ev) = NewOrder::parse("c", "r", &[line], "a")
+        .unwrap()
+        .place(new_id());
+    let mut tx = order.begin().await.unwrap();
+    assert_eq!(
+        store::claim_key(&mut tx, "k", "fp", &o.id, 1).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store::claim_key(&mut tx, "k", "fp", "other", 2).await.unwrap(),
+        Some(("fp".into(), o.id.clone()))
+    );
+    store::insert(&mut tx, &o).await.unwrap();
+    outbox::emit(&mut tx, "order", &o.id, &ev, &Cause::default())
+        .await
+        .unwrap();
+    let mut locked = store::load_for_update(&order, &mut tx, &o.id)
+        .await
+        .unwrap()
+        .unwrap();
+    locked.reason = Some("checked".into());
+    store::update(&mut tx, &locked).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(store::get(&order, &o.id).await.unwrap().unwrap(), locked);
+    assert_eq!(
+        store::list_by_customer(&order, "c", 10).await.unwrap().len(),
+        1
+    );
+
+    // The relay publishes with FOR UPDATE SKIP LOCKED and empties the outbox.
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(&dir.path().join("events.db"), false)
+        .await
+        .unwrap();
+    let bus = Bus::Embedded(log.clone());
+    assert_eq!(outbox::relay_batch(&order, &bus).await.unwrap(), 1);
+    assert_eq!(outbox::pending(&order).await.unwrap(), 0);
+
+    // Cook: conditional stock reservation, all or nothing.
+    use restaurant_cook::{domain::MenuItem, store as kitchen};
+    let item = MenuItem::parse("M", 100, 3).unwrap();
+    assert!(kitchen::put_menu(&cook, "r", "m", &item).await.unwrap());
+    assert!(kitchen::put_menu(&cook, "r", "n", &item).await.unwrap());
+    let mut tx = cook.begin().await.unwrap();
+    let ok = kitchen::reserve(&mut tx, "r", &[("m".into(), 2), ("n".into(), 3)])
+        .await
+        .unwrap();
+    assert_eq!(ok, Ok(()));
+    let short = kitchen::reserve(&mut tx, "r", &[("m".into(), 1), ("n".into(), 1)])
+        .await
+        .unwrap();
+    assert_eq!(short.unwrap_err()[0].menu_id, "n");
+    tx.commit().await.unwrap();
+    let stock: Vec<i64> = kitchen::menus(&cook, "r")
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.stock)
+        .collect();
+    assert_eq!(stock, vec![1, 0], "the short order took nothing");
+
+    // MyPage: an idempotent consumer on PostgreSQL.
+    let consumer = Consumer::new(
+        "mypage",
+        mypage.clone(),
+        Arc::new(restaurant_mypage::MyPageEvents(mypage.clone())),
+        OutboxSignal::default(),
+    );
+    let env = placed("c").to_json();
+    let stop = Shutdown::new();
+    assert_eq!(consumer.offer(&env, &stop).await, Some(Outcome::Applied));
+    assert_eq!(consumer.offer(&env, &stop).await, Some(Outcome::Duplicate));
+
+    for db in [&order, &cook, &mypage] {
+        db.close().await;
+    }
+    log.close().await;
+    dbs.drop_all().await;
+}
