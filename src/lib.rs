@@ -58,7 +58,12 @@ pub struct System {
     shutdown: Shutdown,
 }
 
-async fn open_db(dir: &std::path::Path, name: &str, m: Migrations, fsync: bool) -> anyhow::Result<Db> {
+async fn open_db(
+    dir: &std::path::Path,
+    name: &str,
+    m: Migrations,
+    fsync: bool,
+) -> anyhow::Result<Db> {
     let path = dir.join(format!("{name}.db"));
     Db::connect(
         &format!("sqlite://{}", path.display()),
@@ -90,7 +95,10 @@ impl System {
 
         let cook_db = open_db(dir, "cook", restaurant_cook::migrations(), cfg.fsync).await?;
         if cfg.seed_demo_menu && restaurant_cook::seed_demo_menu(&cook_db).await? {
-            tracing::info!(restaurant = restaurant_cook::DEMO_RESTAURANT, "seeded the demo menu");
+            tracing::info!(
+                restaurant = restaurant_cook::DEMO_RESTAURANT,
+                "seeded the demo menu"
+            );
         }
         let cook = restaurant_cook::start(
             ctx(restaurant_cook::NAME, cook_db),
@@ -110,8 +118,13 @@ impl System {
             },
         )
         .await?;
-        let delivery_db =
-            open_db(dir, "delivery", restaurant_delivery::migrations(), cfg.fsync).await?;
+        let delivery_db = open_db(
+            dir,
+            "delivery",
+            restaurant_delivery::migrations(),
+            cfg.fsync,
+        )
+        .await?;
         let delivery = restaurant_delivery::start(
             ctx(restaurant_delivery::NAME, delivery_db),
             loopback().await?,

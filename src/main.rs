@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use restaurant::{System, Timer, UpConfig};
 
 #[derive(Parser)]
-#[command(name = "restaurant", version, about = "Event-driven restaurant ordering system")]
+#[command(
+    name = "restaurant",
+    version,
+    about = "Event-driven restaurant ordering system"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,7 +104,9 @@ async fn main() -> anyhow::Result<()> {
             let (status, body) = match replay {
                 Some(id) => {
                     let u = format!("{base}/{id}/replay");
-                    client.post_json(&u, &serde_json::json!({}), &[], timeout).await?
+                    client
+                        .post_json(&u, &serde_json::json!({}), &[], timeout)
+                        .await?
                 }
                 None => client.get(&base, timeout).await?,
             };

@@ -54,7 +54,9 @@ impl Databases {
         let mut admin = sqlx::AnyConnection::connect(&self.admin).await.unwrap();
         for n in self.names {
             let _ = admin
-                .execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)")))
+                .execute(AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {n} WITH (FORCE)"
+                )))
                 .await;
         }
     }
@@ -82,7 +84,9 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     };
     let order = dbs.create("order", restaurant_order::migrations()).await;
     let cook = dbs.create("cook", restaurant_cook::migrations()).await;
-    let _delivery = dbs.create("delivery", restaurant_delivery::migrations()).await;
+    let _delivery = dbs
+        .create("delivery", restaurant_delivery::migrations())
+        .await;
     let mypage = dbs.create("mypage", restaurant_mypage::migrations()).await;
 
     // Order: insert, lock-and-update, idempotency keys.
@@ -96,11 +100,15 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
         .place(new_id());
     let mut tx = order.begin().await.unwrap();
     assert_eq!(
-        store::claim_key(&mut tx, "k", "fp", &o.id, 1).await.unwrap(),
+        store::claim_key(&mut tx, "k", "fp", &o.id, 1)
+            .await
+            .unwrap(),
         None
     );
     assert_eq!(
-        store::claim_key(&mut tx, "k", "fp", "other", 2).await.unwrap(),
+        store::claim_key(&mut tx, "k", "fp", "other", 2)
+            .await
+            .unwrap(),
         Some(("fp".into(), o.id.clone()))
     );
     store::insert(&mut tx, &o).await.unwrap();
@@ -116,7 +124,10 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     tx.commit().await.unwrap();
     assert_eq!(store::get(&order, &o.id).await.unwrap().unwrap(), locked);
     assert_eq!(
-        store::list_by_customer(&order, "c", 10).await.unwrap().len(),
+        store::list_by_customer(&order, "c", 10)
+            .await
+            .unwrap()
+            .len(),
         1
     );
 

@@ -36,9 +36,7 @@ async fn malformed_or_invalid_orders_are_refused_with_problem_details() {
         "items":[{"menuId":"m","qty":99999999999999999999}]}"#;
     expect_problem(post_raw(too_big).await.unwrap(), 422).await;
 
-    let order = |items: Value| {
-        json!({"customerId": "c", "restaurantId": "r", "items": items, "address": "a"})
-    };
+    let order = |items: Value| json!({"customerId": "c", "restaurantId": "r", "items": items, "address": "a"});
     for (items, why) in [
         (json!([]), "items"),
         (json!([{"menuId": "m", "qty": 0}]), "qty"),
@@ -61,7 +59,13 @@ async fn malformed_or_invalid_orders_are_refused_with_problem_details() {
     }
     let blank = json!({"customerId": " ", "restaurantId": "r",
         "items": [{"menuId": "m", "qty": 1}], "address": "a"});
-    let res = app.client.post(format!("{}/orders", app.url)).json(&blank).send().await.unwrap();
+    let res = app
+        .client
+        .post(format!("{}/orders", app.url))
+        .json(&blank)
+        .send()
+        .await
+        .unwrap();
     expect_problem(res, 422).await;
 
     let res = app
@@ -138,13 +142,35 @@ async fn invalid_menu_items_are_refused() {
             .json(&body)
             .send()
     };
-    expect_problem(put(json!({"name": "x", "price": 1, "stock": -1})).await.unwrap(), 422).await;
-    expect_problem(put(json!({"name": "", "price": 1, "stock": 1})).await.unwrap(), 422).await;
-    expect_problem(put(json!({"name": "x", "price": -5, "stock": 1})).await.unwrap(), 422).await;
+    expect_problem(
+        put(json!({"name": "x", "price": 1, "stock": -1}))
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    expect_problem(
+        put(json!({"name": "", "price": 1, "stock": 1}))
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    expect_problem(
+        put(json!({"name": "x", "price": -5, "stock": 1}))
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
     expect_problem(put(json!({"name": "x", "price": 1})).await.unwrap(), 422).await;
-    let res = put(json!({"name": "Bibimbap", "price": 12000, "stock": 3})).await.unwrap();
+    let res = put(json!({"name": "Bibimbap", "price": 12000, "stock": 3}))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
-    let res = put(json!({"name": "Bibimbap", "price": 12000, "stock": 4})).await.unwrap();
+    let res = put(json!({"name": "Bibimbap", "price": 12000, "stock": 4}))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(app.stock("r1", "m1").await, 4);
     app.stop().await;

@@ -38,7 +38,9 @@ async fn cancelling_while_cooking_cancels_the_ticket_and_restores_stock() {
     assert_eq!(app.stock(&r, "bibimbap").await, 5);
 
     let view = app
-        .wait_mypage(&id, |v| v["orderStatus"] == "CANCELLED" && v["cookStatus"] == "CANCELLED")
+        .wait_mypage(&id, |v| {
+            v["orderStatus"] == "CANCELLED" && v["cookStatus"] == "CANCELLED"
+        })
         .await;
     assert_eq!(view["reason"], "cancelled by customer");
     app.stop().await;
@@ -54,7 +56,8 @@ async fn cancelling_before_the_kitchen_saw_the_order_reserves_nothing() {
     let id = app.place_ok("alice", &r, &[("bibimbap", 2)]).await;
     let res = app.cancel(&id).await;
     assert_eq!(res.status(), 200);
-    app.wait_mypage(&id, |v| v["orderStatus"] == "CANCELLED").await;
+    app.wait_mypage(&id, |v| v["orderStatus"] == "CANCELLED")
+        .await;
     app.wait_until(&format!("/cooks?orderId={id}"), |c| {
         c[0]["status"] == "CANCELLED"
     })
@@ -72,20 +75,34 @@ async fn cancelling_after_cooking_is_refused_with_409() {
     let id = app.place_ok("bob", &r, &[("bulgogi", 1)]).await;
     let accepted = app.wait_status(&id, "ACCEPTED").await;
     let cook_id = accepted["cookId"].as_str().unwrap();
-    assert_eq!(app.post(&format!("/cooks/{cook_id}/complete")).await.status(), 200);
+    assert_eq!(
+        app.post(&format!("/cooks/{cook_id}/complete"))
+            .await
+            .status(),
+        200
+    );
 
     let res = app.cancel(&id).await;
     assert_eq!(res.status(), 409);
     assert_eq!(res.headers()["content-type"], "application/problem+json");
     let problem: Value = res.json().await.unwrap();
-    assert!(problem["detail"].as_str().unwrap().contains("too late") || problem["detail"].as_str().unwrap().contains("delivery"), "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("too late")
+            || problem["detail"].as_str().unwrap().contains("delivery"),
+        "{problem}"
+    );
     assert_eq!(app.stock(&r, "bulgogi").await, 4, "nothing restored");
 
     // The order goes on to delivery, and a cancel then is refused too.
     app.wait_status(&id, "DELIVERING").await;
     assert_eq!(app.cancel(&id).await.status(), 409);
     // Completing a cooked ticket again is harmless.
-    assert_eq!(app.post(&format!("/cooks/{cook_id}/complete")).await.status(), 200);
+    assert_eq!(
+        app.post(&format!("/cooks/{cook_id}/complete"))
+            .await
+            .status(),
+        200
+    );
     app.stop().await;
 }
 
@@ -108,8 +125,13 @@ async fn a_cancel_the_kitchen_cannot_answer_in_time_is_deferred_not_lost() {
     assert_eq!(app.cancel(&id).await.status(), 202);
 
     app.wait_status(&id, "CANCELLED").await;
-    app.wait_mypage(&id, |v| v["orderStatus"] == "CANCELLED").await;
-    assert_eq!(app.stock(&r, "tteokbokki").await, 4, "restored exactly once");
+    app.wait_mypage(&id, |v| v["orderStatus"] == "CANCELLED")
+        .await;
+    assert_eq!(
+        app.stock(&r, "tteokbokki").await,
+        4,
+        "restored exactly once"
+    );
     assert_eq!(app.cancel(&id).await.status(), 200);
     app.stop().await;
 }

@@ -65,7 +65,10 @@ fn start_load(
                                 Ok(v) => v,
                                 Err(_) => break, // killed mid-body: not acknowledged
                             };
-                            acked.lock().unwrap().push(v["id"].as_str().unwrap().to_owned());
+                            acked
+                                .lock()
+                                .unwrap()
+                                .push(v["id"].as_str().unwrap().to_owned());
                         }
                         // Anything else is not an acknowledgement: the system
                         // is going down under us (a handler whose database
@@ -101,7 +104,10 @@ async fn assert_nothing_lost_nothing_doubled(app: &TestApp, restaurant: &str, ac
         .map(|o| (o["id"].as_str().unwrap(), o))
         .collect();
     for id in acked {
-        assert!(by_id.contains_key(id.as_str()), "acknowledged order {id} was lost");
+        assert!(
+            by_id.contains_key(id.as_str()),
+            "acknowledged order {id} was lost"
+        );
     }
     let mut served: HashMap<String, i64> = HashMap::new();
     let mut delivered = 0;
@@ -162,7 +168,15 @@ async fn killing_the_system_mid_flow_loses_and_doubles_nothing() {
 
 async fn spawn_binary(dir: &std::path::Path) -> (tokio::process::Child, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_restaurant"))
-        .args(["up", "--port", "0", "--cook-time", "20ms", "--delivery-time", "20ms"])
+        .args([
+            "up",
+            "--port",
+            "0",
+            "--cook-time",
+            "20ms",
+            "--delivery-time",
+            "20ms",
+        ])
         .arg("--data-dir")
         .arg(dir)
         .env("RUST_LOG", "warn")

@@ -126,7 +126,12 @@ impl TestApp {
     }
 
     /// Places an order that must be acknowledged; returns its id.
-    pub async fn place_ok(&self, customer: &str, restaurant: &str, items: &[(&str, i64)]) -> String {
+    pub async fn place_ok(
+        &self,
+        customer: &str,
+        restaurant: &str,
+        items: &[(&str, i64)],
+    ) -> String {
         let res = self.place(customer, restaurant, items).await;
         assert_eq!(res.status(), 201);
         let body: Value = res.json().await.unwrap();

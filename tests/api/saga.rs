@@ -34,12 +34,16 @@ async fn an_order_is_cooked_delivered_and_visible_on_mypage_all_the_way() {
     assert_eq!(d["orderId"], id);
     assert_eq!(d["status"], "DELIVERING");
 
-    let res = app.post(&format!("/deliveries/{delivery_id}/complete")).await;
+    let res = app
+        .post(&format!("/deliveries/{delivery_id}/complete"))
+        .await;
     assert_eq!(res.status(), 200);
     app.wait_status(id, "DELIVERED").await;
 
     let view = app
-        .wait_mypage(id, |v| v["orderStatus"] == "DELIVERED" && v["deliveryStatus"] == "DELIVERED")
+        .wait_mypage(id, |v| {
+            v["orderStatus"] == "DELIVERED" && v["deliveryStatus"] == "DELIVERED"
+        })
         .await;
     assert_eq!(view["customerId"], "alice");
     assert_eq!(view["cookStatus"], "COOKED");
@@ -50,7 +54,11 @@ async fn an_order_is_cooked_delivered_and_visible_on_mypage_all_the_way() {
     assert_eq!(mine.as_array().unwrap().len(), 1);
     let orders = app.get_ok("/orders?customerId=alice").await;
     assert_eq!(orders[0]["id"], id);
-    assert_eq!(app.stock(&r, "bibimbap").await, 8, "taken once, never again");
+    assert_eq!(
+        app.stock(&r, "bibimbap").await,
+        8,
+        "taken once, never again"
+    );
     app.stop().await;
 }
 
@@ -65,7 +73,8 @@ async fn automatic_timers_carry_an_order_to_delivered() {
     app.set_menu(&r, "bulgogi", 3).await;
     let id = app.place_ok("bob", &r, &[("bulgogi", 1)]).await;
     app.wait_status(&id, "DELIVERED").await;
-    app.wait_mypage(&id, |v| v["orderStatus"] == "DELIVERED").await;
+    app.wait_mypage(&id, |v| v["orderStatus"] == "DELIVERED")
+        .await;
     app.stop().await;
 }
 
@@ -107,7 +116,12 @@ async fn one_short_line_rejects_the_whole_order_and_leaves_other_lines_untouched
     // A menu item that does not exist is a shortage too.
     let id = app.place_ok("dave", &r, &[("rice", 1), ("pizza", 1)]).await;
     let order = app.wait_status(&id, "REJECTED").await;
-    assert!(order["reason"].as_str().unwrap().contains("pizza is not on the menu"));
+    assert!(
+        order["reason"]
+            .as_str()
+            .unwrap()
+            .contains("pizza is not on the menu")
+    );
     assert_eq!(app.stock(&r, "rice").await, 5);
     app.stop().await;
 }
@@ -150,10 +164,7 @@ async fn an_idempotency_key_never_creates_a_second_order() {
     other["items"][0]["qty"] = 3.into();
     let res = send("key-1", other).await;
     assert_eq!(res.status(), 422);
-    assert_eq!(
-        res.headers()["content-type"],
-        "application/problem+json"
-    );
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
     app.stop().await;
 }
 
@@ -164,13 +175,11 @@ async fn concurrent_orders_for_the_last_units_never_oversell() {
     let app = TestApp::spawn().await;
     let r = restaurant();
     app.set_menu(&r, "special", UNITS).await;
-    let placed = futures_util::future::join_all(
-        (0..ORDERS).map(|i| {
-            let app = &app;
-            let r = r.clone();
-            async move { app.place_ok(&format!("c{i}"), &r, &[("special", 1)]).await }
-        }),
-    )
+    let placed = futures_util::future::join_all((0..ORDERS).map(|i| {
+        let app = &app;
+        let r = r.clone();
+        async move { app.place_ok(&format!("c{i}"), &r, &[("special", 1)]).await }
+    }))
     .await;
     let mut accepted = 0;
     for id in &placed {

@@ -287,7 +287,12 @@ mod tests {
     #[test]
     fn envelope_round_trips_through_json() {
         let trace = TraceContext::new_root();
-        let env = Envelope::new("order", "o1", &placed(), &Cause::request("req-1", Some(trace)));
+        let env = Envelope::new(
+            "order",
+            "o1",
+            &placed(),
+            &Cause::request("req-1", Some(trace)),
+        );
         let back = Envelope::from_json(env.to_json().as_bytes()).unwrap();
         assert_eq!(back, env);
         assert_eq!(back.event().unwrap(), Some(placed()));

@@ -176,9 +176,11 @@ pub async fn cancel(
         CancelOutcome::Cancel | CancelOutcome::AlreadyCancelled => "CANCELLED",
         CancelOutcome::NothingReserved => "NOTHING_RESERVED",
         CancelOutcome::TooLate => {
-            return Err(Problem::conflict("too late to cancel: the dish is already cooked")
-                .with("reason", c.reason)
-                .with("cookId", c.cook_id));
+            return Err(
+                Problem::conflict("too late to cancel: the dish is already cooked")
+                    .with("reason", c.reason)
+                    .with("cookId", c.cook_id),
+            );
         }
     };
     Ok(Json(CancelAnswer {

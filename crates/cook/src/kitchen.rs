@@ -164,7 +164,8 @@ pub async fn complete(
     cause: &Cause,
 ) -> Result<Option<(Ticket, CompleteOutcome)>, sqlx::Error> {
     let mut tx = app.ctx.db.begin().await?;
-    let Some(mut ticket) = store::ticket_for_update(&app.ctx.db, &mut tx, TicketKey::Id, id).await?
+    let Some(mut ticket) =
+        store::ticket_for_update(&app.ctx.db, &mut tx, TicketKey::Id, id).await?
     else {
         return Ok(None);
     };

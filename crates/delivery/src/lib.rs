@@ -84,8 +84,7 @@ fn ser_opt_time<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S
 
 // ---- store ----------------------------------------------------------------
 
-const COLUMNS: &str =
-    "id, order_id, cook_id, address, status, complete_at, created_at, updated_at";
+const COLUMNS: &str = "id, order_id, cook_id, address, status, complete_at, created_at, updated_at";
 
 fn from_row(r: &AnyRow) -> Result<Delivery, sqlx::Error> {
     let status: String = r.try_get(4)?;

@@ -114,9 +114,15 @@ pub fn router(config: Config, shutdown: Shutdown) -> Router {
         shutdown,
     };
     Router::new()
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { restaurant_platform::telemetry::render_metrics() }))
+        .route(
+            "/metrics",
+            get(|| async { restaurant_platform::telemetry::render_metrics() }),
+        )
         .fallback(proxy)
         .with_state(gw)
         .layer(axum::middleware::from_fn(problem_safety_net))
@@ -143,7 +149,11 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
             (!ok).then_some(service)
         }
     });
-    let down: Vec<&str> = futures_join(checks).await.into_iter().flatten().collect();
+    let down: Vec<&str> = futures_util::future::join_all(checks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     if down.is_empty() {
         axum::Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
@@ -151,22 +161,6 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
             .with("notReady", down)
             .into_response()
     }
-}
-
-/// Joins a few futures without pulling in the futures crate.
-async fn futures_join<F: Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 async fn proxy(State(gw): State<Gateway>, mut req: Request) -> Response {
@@ -179,7 +173,11 @@ async fn proxy(State(gw): State<Gateway>, mut req: Request) -> Response {
         Some(to) => format!("{to}{rest}"),
         None => path.to_owned(),
     };
-    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     let uri: Uri = match format!("{}{new_path}{query}", route.base).parse() {
         Ok(u) => u,
         Err(_) => return Problem::bad_request("malformed request target").into_response(),
@@ -215,7 +213,9 @@ async fn proxy(State(gw): State<Gateway>, mut req: Request) -> Response {
         Ok(Err(e)) => {
             tracing::warn!(service, error = %e, "upstream unreachable");
             Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
-                .detail(format!("the {service} service cannot be reached; try again shortly"))
+                .detail(format!(
+                    "the {service} service cannot be reached; try again shortly"
+                ))
                 .retry_after(Duration::from_secs(1))
                 .into_response()
         }
@@ -260,7 +260,11 @@ impl RunningGateway {
     }
 }
 
-pub fn start(listener: TcpListener, config: Config, shutdown: Shutdown) -> std::io::Result<RunningGateway> {
+pub fn start(
+    listener: TcpListener,
+    config: Config,
+    shutdown: Shutdown,
+) -> std::io::Result<RunningGateway> {
     let addr = listener.local_addr()?;
     let app = router(config, shutdown.clone());
     let s = shutdown.clone();

@@ -115,7 +115,10 @@ impl View {
                 COOK_CANCELLED
             }
             Event::CookCancelRefused(c) => {
-                join(&mut self.refuse_reason, &format!("cancel refused: {}", c.reason));
+                join(
+                    &mut self.refuse_reason,
+                    &format!("cancel refused: {}", c.reason),
+                );
                 CANCEL_REFUSED
             }
             Event::DeliveryStarted(d) => {
@@ -227,8 +230,16 @@ mod tests {
         }
     }
 
+    /// A history and the order, cook and delivery status it ends in.
+    type History = (
+        Vec<Event>,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    );
+
     /// The event histories the services can produce for one order.
-    fn histories() -> Vec<(Vec<Event>, &'static str, Option<&'static str>, Option<&'static str>)> {
+    fn histories() -> Vec<History> {
         let delivered = vec![
             placed(),
             stock(true),

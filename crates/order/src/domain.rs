@@ -213,13 +213,12 @@ impl Order {
                 }
                 return self.cancelled(&c.reason);
             }
-            Event::CookCancelRefused(c) => {
-                if self.status == CancelPending {
-                    self.set_status(Accepted, Some(format!("cancel refused: {}", c.reason)));
-                }
+            Event::CookCancelRefused(c) if self.status == CancelPending => {
+                self.set_status(Accepted, Some(format!("cancel refused: {}", c.reason)));
             }
             Event::DeliveryStarted(d) => {
-                self.delivery_id.get_or_insert_with(|| d.delivery_id.clone());
+                self.delivery_id
+                    .get_or_insert_with(|| d.delivery_id.clone());
                 if self.status.before_delivery() {
                     let reason = (self.status == CancelPending)
                         .then(|| "cancel refused: the order was already cooked".to_owned());
@@ -227,7 +226,8 @@ impl Order {
                 }
             }
             Event::DeliveryCompleted(d) => {
-                self.delivery_id.get_or_insert_with(|| d.delivery_id.clone());
+                self.delivery_id
+                    .get_or_insert_with(|| d.delivery_id.clone());
                 if self.status.before_delivery() || self.status == Delivering {
                     self.set_status(Delivered, None);
                     return Some(Event::OrderDelivered(DeliveryRef {
@@ -340,7 +340,10 @@ mod tests {
         }));
         o.apply(&delivery_started());
         assert_eq!(o.status, OrderStatus::Delivering);
-        assert!(matches!(o.apply(&delivered()), Some(Event::OrderDelivered(_))));
+        assert!(matches!(
+            o.apply(&delivered()),
+            Some(Event::OrderDelivered(_))
+        ));
         assert_eq!(o.status, OrderStatus::Delivered);
         assert_eq!(o.cook_id.as_deref(), Some("k"));
         assert_eq!(o.delivery_id.as_deref(), Some("d"));

@@ -23,8 +23,8 @@ impl Handler for OrderEvents {
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
         let cause = env.as_cause();
-        let found = crate::http::change_in(&self.0, tx, &env.order_id, &cause, |o| o.apply(&event))
-            .await?;
+        let found =
+            crate::http::change_in(&self.0, tx, &env.order_id, &cause, |o| o.apply(&event)).await?;
         match found {
             Some(_) => Ok(()),
             // Every order id on the bus was minted here; an unknown one is a

@@ -102,27 +102,31 @@ pub async fn place(
     Json(req): Json<PlaceOrder>,
 ) -> Result<Response, Problem> {
     let key = idempotency_key(&headers)?;
-    let new = NewOrder::parse(&req.customer_id, &req.restaurant_id, &req.items, &req.address)
-        .map_err(Problem::validation)?;
+    let new = NewOrder::parse(
+        &req.customer_id,
+        &req.restaurant_id,
+        &req.items,
+        &req.address,
+    )
+    .map_err(Problem::validation)?;
     let fingerprint = new.fingerprint();
     let (order, event) = new.place(new_id());
     let mut tx = app.ctx.db.begin().await?;
-    if let Some(key) = &key {
-        if let Some((earlier, order_id)) =
+    if let Some(key) = &key
+        && let Some((earlier, order_id)) =
             store::claim_key(&mut tx, key, &fingerprint, &order.id, order.created_at).await?
-        {
-            tx.rollback().await?;
-            if earlier != fingerprint {
-                return Err(Problem::validation(
-                    "this Idempotency-Key was already used for a different request",
-                )
-                .with("orderId", order_id));
-            }
-            let existing = store::get(&app.ctx.db, &order_id)
-                .await?
-                .ok_or_else(|| Problem::internal("idempotency key points to a missing order"))?;
-            return Ok(created(existing, true));
+    {
+        tx.rollback().await?;
+        if earlier != fingerprint {
+            return Err(Problem::validation(
+                "this Idempotency-Key was already used for a different request",
+            )
+            .with("orderId", order_id));
         }
+        let existing = store::get(&app.ctx.db, &order_id)
+            .await?
+            .ok_or_else(|| Problem::internal("idempotency key points to a missing order"))?;
+        return Ok(created(existing, true));
     }
     store::insert(&mut tx, &order).await?;
     outbox::emit(&mut tx, crate::NAME, &order.id, &event, &ctx.cause()).await?;

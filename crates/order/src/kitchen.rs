@@ -52,14 +52,23 @@ impl Kitchen {
     /// Asks the kitchen to cancel `order_id`'s ticket. The kitchen treats a
     /// repeated request for the same order as the same request, so a retry
     /// (ours, or the durable fallback's) never cancels twice.
-    pub async fn cancel(&self, order_id: &str, request_id: &str, traceparent: &str) -> KitchenAnswer {
+    pub async fn cancel(
+        &self,
+        order_id: &str,
+        request_id: &str,
+        traceparent: &str,
+    ) -> KitchenAnswer {
         let url = format!("{}/internal/cancellations", self.base_url);
         let body = CancelBody {
             order_id,
             request_id,
         };
         let headers = [("idempotency-key", order_id), ("traceparent", traceparent)];
-        match self.client.post_json(&url, &body, &headers, self.deadline).await {
+        match self
+            .client
+            .post_json(&url, &body, &headers, self.deadline)
+            .await
+        {
             Ok((status, bytes)) => {
                 let answer: Option<Answer> = serde_json::from_slice(&bytes).ok();
                 let text = answer
@@ -73,9 +82,9 @@ impl Kitchen {
                     },
                 }
             }
-            Err(e @ (CallError::Unreachable(_) | CallError::Timeout(_) | CallError::Invalid(_))) => {
-                KitchenAnswer::Unavailable { why: e.to_string() }
-            }
+            Err(
+                e @ (CallError::Unreachable(_) | CallError::Timeout(_) | CallError::Invalid(_)),
+            ) => KitchenAnswer::Unavailable { why: e.to_string() },
         }
     }
 }

@@ -51,7 +51,9 @@ impl Bus {
         types: &'static [&'static str],
     ) -> anyhow::Result<Subscription> {
         match self {
-            Bus::Embedded(log) => Ok(Subscription::Embedded(log.subscribe(consumer, types).await?)),
+            Bus::Embedded(log) => Ok(Subscription::Embedded(
+                log.subscribe(consumer, types).await?,
+            )),
         }
     }
 
@@ -68,7 +70,11 @@ pub enum Subscription {
 
 impl Subscription {
     /// Up to `max` messages; waits up to `wait` for the first one.
-    pub async fn next_batch(&mut self, max: usize, wait: Duration) -> anyhow::Result<Vec<Delivery>> {
+    pub async fn next_batch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<Delivery>> {
         match self {
             Subscription::Embedded(s) => s.next_batch(max, wait).await,
         }
@@ -99,7 +105,9 @@ impl EventLog {
             max_connections: 4,
         };
         let db = Db::open(&url, opts).await?;
-        sqlx::migrate!("migrations/eventlog").run(db.writer()).await?;
+        sqlx::migrate!("migrations/eventlog")
+            .run(db.writer())
+            .await?;
         let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
             .fetch_one(db.reader())
             .await?;
@@ -167,13 +175,12 @@ impl EventLog {
 
     /// Every retained event in order, for rebuilding read models and tests.
     pub async fn read_from(&self, after: i64, max: i64) -> anyhow::Result<Vec<Delivery>> {
-        let rows = sqlx::query(
-            "SELECT seq, payload FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(after)
-        .bind(max)
-        .fetch_all(self.db.reader())
-        .await?;
+        let rows =
+            sqlx::query("SELECT seq, payload FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(after)
+                .bind(max)
+                .fetch_all(self.db.reader())
+                .await?;
         rows.iter()
             .map(|r| {
                 Ok(Delivery {

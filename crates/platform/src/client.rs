@@ -48,7 +48,11 @@ impl JsonClient {
     }
 
     /// GETs `url`, returning status and body, within `deadline`.
-    pub async fn get(&self, url: &str, deadline: Duration) -> Result<(StatusCode, Bytes), CallError> {
+    pub async fn get(
+        &self,
+        url: &str,
+        deadline: Duration,
+    ) -> Result<(StatusCode, Bytes), CallError> {
         let req = Request::builder()
             .method(Method::GET)
             .uri(url)

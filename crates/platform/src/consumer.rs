@@ -154,11 +154,11 @@ impl<H: Handler> Consumer<H> {
                 }
                 done = Some(d);
             }
-            if let Some(last) = done {
-                if let Err(e) = sub.ack(last).await {
-                    // Harmless: the events are applied; a redelivery is a duplicate.
-                    tracing::warn!(consumer = %self.name, error = %e, "ack failed");
-                }
+            if let Some(last) = done
+                && let Err(e) = sub.ack(last).await
+            {
+                // Harmless: the events are applied; a redelivery is a duplicate.
+                tracing::warn!(consumer = %self.name, error = %e, "ack failed");
             }
         }
     }
@@ -183,7 +183,10 @@ impl<H: Handler> Consumer<H> {
                     return Some(self.park(payload, Some(&env), &msg, attempt).await);
                 }
                 Err(HandleError::Transient(e)) if attempt >= self.retry.max_attempts => {
-                    return Some(self.park(payload, Some(&env), &format!("{e:#}"), attempt).await);
+                    return Some(
+                        self.park(payload, Some(&env), &format!("{e:#}"), attempt)
+                            .await,
+                    );
                 }
                 Err(HandleError::Transient(e)) => {
                     tracing::warn!(consumer = %self.name, event_id = %env.event_id, attempt, error = %e, "handler failed; retrying");

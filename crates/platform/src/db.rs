@@ -120,7 +120,9 @@ impl Db {
                         })
                 };
                 let write = pool(1).connect_with(options.clone()).await?;
-                let read = pool(opts.max_connections.max(1)).connect_with(options).await?;
+                let read = pool(opts.max_connections.max(1))
+                    .connect_with(options)
+                    .await?;
                 Db {
                     backend,
                     write,

@@ -34,7 +34,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
     #[serde(rename = "type")]
-    pub kind: Cow<'static, str>,
+    pub kind: &'static str,
     pub title: Cow<'static, str>,
     #[serde(serialize_with = "ser_status")]
     pub status: StatusCode,
@@ -42,7 +42,7 @@ pub struct Problem {
     pub detail: Option<String>,
     /// Extra members, flattened into the body (e.g. the current state).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub extensions: Option<serde_json::Map<String, serde_json::Value>>,
+    pub extensions: Option<Box<serde_json::Map<String, serde_json::Value>>>,
     #[serde(skip)]
     pub retry_after: Option<Duration>,
 }
@@ -54,7 +54,7 @@ fn ser_status<S: serde::Serializer>(s: &StatusCode, ser: S) -> Result<S::Ok, S::
 impl Problem {
     pub fn new(status: StatusCode, title: impl Into<Cow<'static, str>>) -> Self {
         Problem {
-            kind: Cow::Borrowed("about:blank"),
+            kind: "about:blank",
             title: title.into(),
             status,
             detail: None,
@@ -346,9 +346,15 @@ pub struct Readiness {
 /// and it is not draining) and `/metrics` (Prometheus text).
 pub fn health_routes(ready: Readiness) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { crate::telemetry::render_metrics() }))
+        .route(
+            "/metrics",
+            get(|| async { crate::telemetry::render_metrics() }),
+        )
         .with_state(ready)
 }
 

@@ -150,7 +150,10 @@ impl RunningService {
 fn dead_letter_routes<H: Handler>(consumer: Arc<Consumer<H>>) -> Router {
     Router::new()
         .route("/admin/dead-letters", get(list_dead_letters::<H>))
-        .route("/admin/dead-letters/{id}/replay", post(replay_dead_letter::<H>))
+        .route(
+            "/admin/dead-letters/{id}/replay",
+            post(replay_dead_letter::<H>),
+        )
         .with_state(consumer)
 }
 
@@ -173,7 +176,9 @@ async fn replay_dead_letter<H: Handler>(
                 Outcome::Ignored => "IGNORED",
                 Outcome::Parked => "PARKED_AGAIN",
             };
-            Ok(http::Json(serde_json::json!({ "id": id, "outcome": outcome })))
+            Ok(http::Json(
+                serde_json::json!({ "id": id, "outcome": outcome }),
+            ))
         }
     }
 }

@@ -80,11 +80,12 @@ async fn fixture(failures: u32) -> Fixture {
     let handler = Arc::new(Recorder {
         failures_left: AtomicU32::new(failures),
     });
-    let consumer = Consumer::new("test", db.clone(), handler, OutboxSignal::default())
-        .with_retry(RetryPolicy {
+    let consumer = Consumer::new("test", db.clone(), handler, OutboxSignal::default()).with_retry(
+        RetryPolicy {
             max_attempts: 3,
             first_backoff: Duration::from_millis(1),
-        });
+        },
+    );
     Fixture {
         db,
         consumer: Arc::new(consumer),
@@ -103,7 +104,12 @@ fn placed(customer: &str) -> Envelope {
         }],
         address: "a".into(),
     });
-    Envelope::new("order", &restaurant_contract::new_id(), &ev, &Cause::default())
+    Envelope::new(
+        "order",
+        &restaurant_contract::new_id(),
+        &ev,
+        &Cause::default(),
+    )
 }
 
 async fn effects(db: &Db) -> i64 {
@@ -116,8 +122,14 @@ async fn the_same_event_delivered_twice_has_one_effect() {
     let env = placed("alice").to_json();
     let stop = Shutdown::new();
     assert_eq!(f.consumer.offer(&env, &stop).await, Some(Outcome::Applied));
-    assert_eq!(f.consumer.offer(&env, &stop).await, Some(Outcome::Duplicate));
-    assert_eq!(f.consumer.offer(&env, &stop).await, Some(Outcome::Duplicate));
+    assert_eq!(
+        f.consumer.offer(&env, &stop).await,
+        Some(Outcome::Duplicate)
+    );
+    assert_eq!(
+        f.consumer.offer(&env, &stop).await,
+        Some(Outcome::Duplicate)
+    );
     assert_eq!(effects(&f.db).await, 1);
 }
 
@@ -161,7 +173,10 @@ async fn bad_events_are_parked_with_their_error_and_unknown_types_ignored() {
 
     let parked = f.consumer.dead_letters().await.unwrap();
     assert_eq!(parked.len(), 3);
-    assert_eq!(parked[0].event_id.as_deref(), Some(poison.event_id.as_str()));
+    assert_eq!(
+        parked[0].event_id.as_deref(),
+        Some(poison.event_id.as_str())
+    );
     assert_eq!(parked[0].error, "poisoned on purpose");
     assert_eq!(parked[0].attempts, 1, "permanent errors are not retried");
     assert!(parked[1].error.contains("malformed envelope"));
@@ -198,7 +213,10 @@ async fn an_event_parked_after_exhausting_retries_can_be_replayed() {
         Arc::new(Recorder::default()),
         OutboxSignal::default(),
     );
-    assert_eq!(fixed.replay(parked[0].id).await.unwrap(), Some(Outcome::Applied));
+    assert_eq!(
+        fixed.replay(parked[0].id).await.unwrap(),
+        Some(Outcome::Applied)
+    );
     assert!(fixed.dead_letters().await.unwrap().is_empty());
     assert_eq!(effects(&f.db).await, 1);
     assert_eq!(fixed.replay(parked[0].id).await.unwrap(), None);
@@ -231,7 +249,10 @@ async fn a_poison_event_does_not_block_the_events_behind_it() {
     let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while effects(&f.db).await < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "good event not applied");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "good event not applied"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.trigger();
@@ -243,7 +264,10 @@ async fn a_poison_event_does_not_block_the_events_behind_it() {
     let later = placed("bob");
     bus.publish(&[outgoing(&later)]).await.unwrap();
     let mut sub = bus.subscribe("test", Recorder::TYPES).await.unwrap();
-    let batch = sub.next_batch(10, Duration::from_millis(100)).await.unwrap();
+    let batch = sub
+        .next_batch(10, Duration::from_millis(100))
+        .await
+        .unwrap();
     assert_eq!(batch.len(), 1);
     assert_eq!(
         Envelope::from_json(batch[0].payload.as_bytes())
