@@ -8,7 +8,7 @@ use axum::{
 };
 use restaurant_contract::OrderLine;
 use restaurant_platform::{
-    http::{Json, Path, Problem, Query, RequestContext},
+    http::{Json, Path, Problem, Query, RequestContext, required},
     rfc3339,
 };
 use serde::{Deserialize, Serialize};
@@ -30,10 +30,7 @@ pub async fn list_menus(
     State(app): State<App>,
     Query(q): Query<MenuQuery>,
 ) -> Result<Json<Vec<Menu>>, Problem> {
-    let r = q
-        .restaurant_id
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| Problem::bad_request("the restaurantId query parameter is required"))?;
+    let r = required(q.restaurant_id, "restaurantId")?;
     Ok(Json(store::menus(&app.ctx.db, &r).await?))
 }
 
@@ -120,10 +117,7 @@ pub async fn list_cooks(
     State(app): State<App>,
     Query(q): Query<CookQuery>,
 ) -> Result<Json<Vec<TicketView>>, Problem> {
-    let order_id = q
-        .order_id
-        .filter(|o| !o.is_empty())
-        .ok_or_else(|| Problem::bad_request("the orderId query parameter is required"))?;
+    let order_id = required(q.order_id, "orderId")?;
     let ticket = store::ticket(&app.ctx.db, TicketKey::OrderId, &order_id).await?;
     Ok(Json(ticket.into_iter().map(Into::into).collect()))
 }

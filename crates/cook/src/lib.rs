@@ -26,17 +26,14 @@ use axum::{
 use restaurant_platform::{
     db::{Db, Migrations},
     service::{RunningService, ServiceContext, ServiceHost},
-    timer,
 };
 use tokio::{net::TcpListener, sync::Notify};
 
 pub const NAME: &str = "cook";
 
+/// The service's schema: portable SQL, the same for SQLite and PostgreSQL.
 pub fn migrations() -> Migrations {
-    Migrations {
-        sqlite: sqlx::migrate!("migrations/sqlite"),
-        postgres: sqlx::migrate!("migrations/postgres"),
-    }
+    Migrations::portable(sqlx::migrate!())
 }
 
 #[derive(Clone, Debug, Default)]
@@ -78,15 +75,10 @@ pub async fn start(
     let mut host = ServiceHost::new(ctx.clone());
     host.consume(Arc::new(events::KitchenEvents(app.clone())));
     let timer_app = app.clone();
-    host.spawn(timer::run(
-        "cook-complete",
-        app.timer_wake.clone(),
-        ctx.shutdown.clone(),
-        move || {
-            let app = timer_app.clone();
-            async move { kitchen::complete_due(&app).await }
-        },
-    ));
+    host.spawn_timer("cook-complete", app.timer_wake.clone(), move || {
+        let app = timer_app.clone();
+        async move { kitchen::complete_due(&app).await }
+    });
     host.serve(listener, router(app))
 }
 

@@ -17,10 +17,9 @@ use restaurant_contract::{
 use restaurant_platform::{
     consumer::{HandleError, Handler},
     db::{Db, Migrations, Tx},
-    http::{Json, Path, Problem, Query, RequestContext},
+    http::{Json, Path, Problem, Query, RequestContext, required},
     outbox, rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
-    timer,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
@@ -28,11 +27,9 @@ use tokio::{net::TcpListener, sync::Notify};
 
 pub const NAME: &str = "delivery";
 
+/// The service's schema: portable SQL, the same for SQLite and PostgreSQL.
 pub fn migrations() -> Migrations {
-    Migrations {
-        sqlite: sqlx::migrate!("migrations/sqlite"),
-        postgres: sqlx::migrate!("migrations/postgres"),
-    }
+    Migrations::portable(sqlx::migrate!())
 }
 
 // ---- domain ---------------------------------------------------------------
@@ -250,10 +247,7 @@ async fn list_deliveries(
     State(app): State<App>,
     Query(q): Query<ByOrder>,
 ) -> Result<Json<Vec<Delivery>>, Problem> {
-    let order_id = q
-        .order_id
-        .filter(|o| !o.is_empty())
-        .ok_or_else(|| Problem::bad_request("the orderId query parameter is required"))?;
+    let order_id = required(q.order_id, "orderId")?;
     let d = find(&app.ctx.db, "order_id", &order_id).await?;
     Ok(Json(d.into_iter().collect()))
 }
@@ -293,14 +287,9 @@ pub async fn start(
     let mut host = ServiceHost::new(ctx.clone());
     host.consume(Arc::new(DeliveryEvents(app.clone())));
     let timer_app = app.clone();
-    host.spawn(timer::run(
-        "delivery-complete",
-        app.timer_wake.clone(),
-        ctx.shutdown.clone(),
-        move || {
-            let app = timer_app.clone();
-            async move { complete_due(&app).await }
-        },
-    ));
+    host.spawn_timer("delivery-complete", app.timer_wake.clone(), move || {
+        let app = timer_app.clone();
+        async move { complete_due(&app).await }
+    });
     host.serve(listener, router)
 }

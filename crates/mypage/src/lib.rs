@@ -15,7 +15,7 @@ use restaurant_contract::{Envelope, Event, OrderLine};
 use restaurant_platform::{
     consumer::{HandleError, Handler},
     db::{Db, Migrations, Tx},
-    http::{Json, Path, Problem, Query},
+    http::{Json, Path, Problem, Query, required},
     rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
 };
@@ -25,11 +25,9 @@ use tokio::net::TcpListener;
 
 pub const NAME: &str = "mypage";
 
+/// The service's schema: portable SQL, the same for SQLite and PostgreSQL.
 pub fn migrations() -> Migrations {
-    Migrations {
-        sqlite: sqlx::migrate!("migrations/sqlite"),
-        postgres: sqlx::migrate!("migrations/postgres"),
-    }
+    Migrations::portable(sqlx::migrate!())
 }
 
 const COLUMNS: &str = "order_id, customer_id, restaurant_id, items, facts, cook_id, delivery_id, \
@@ -179,10 +177,7 @@ async fn list_views(
     State(db): State<Db>,
     Query(q): Query<ByCustomer>,
 ) -> Result<Json<Vec<MyPage>>, Problem> {
-    let customer = q
-        .customer_id
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| Problem::bad_request("the customerId query parameter is required"))?;
+    let customer = required(q.customer_id, "customerId")?;
     let views = sqlx::query(AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM views WHERE customer_id = $1 ORDER BY order_id DESC LIMIT 1000"
     )))

@@ -8,7 +8,7 @@ use axum::{
 use restaurant_contract::{Cause, Event, OrderLine, new_id, now_ms};
 use restaurant_platform::{
     db::Tx,
-    http::{Json, Path, Problem, Query, RequestContext},
+    http::{Json, Path, Problem, Query, RequestContext, required},
     outbox, rfc3339,
 };
 use serde::{Deserialize, Serialize};
@@ -158,10 +158,7 @@ pub async fn list(
     State(app): State<App>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<OrderView>>, Problem> {
-    let customer = q
-        .customer_id
-        .filter(|c| !c.trim().is_empty())
-        .ok_or_else(|| Problem::bad_request("the customerId query parameter is required"))?;
+    let customer = required(q.customer_id, "customerId")?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(Problem::bad_request("limit must be between 1 and 1000"));

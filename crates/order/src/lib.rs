@@ -29,11 +29,9 @@ use tokio::net::TcpListener;
 
 pub const NAME: &str = "order";
 
+/// The service's schema: portable SQL, the same for SQLite and PostgreSQL.
 pub fn migrations() -> Migrations {
-    Migrations {
-        sqlite: sqlx::migrate!("migrations/sqlite"),
-        postgres: sqlx::migrate!("migrations/postgres"),
-    }
+    Migrations::portable(sqlx::migrate!())
 }
 
 #[derive(Clone, Debug)]

@@ -28,6 +28,16 @@ pub struct Migrations {
     pub postgres: Migrator,
 }
 
+impl Migrations {
+    /// Migrations written in the portable subset, valid for both backends.
+    pub fn portable(m: Migrator) -> Self {
+        Migrations {
+            sqlite: Migrator::with_migrations(m.migrations.to_vec()),
+            postgres: m,
+        }
+    }
+}
+
 /// Platform tables (outbox, processed events, dead letters) take versions
 /// below 100; a service's own migrations start at 100.
 fn platform_migrations() -> Migrations {

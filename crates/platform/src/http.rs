@@ -208,6 +208,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     }
 }
 
+/// A query parameter the endpoint cannot do without: present and non-empty.
+pub fn required(value: Option<String>, name: &str) -> Result<String, Problem> {
+    value
+        .filter(|v| !v.trim().is_empty())
+        .ok_or_else(|| Problem::bad_request(format!("the {name} query parameter is required")))
+}
+
 /// Who asked, for correlation: the request id (from `x-request-id` or new)
 /// and the W3C trace context (continued from `traceparent` or a new root).
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ use axum::{
     extract::State,
     routing::{get, post},
 };
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{net::TcpListener, sync::Notify, task::JoinSet};
 
 use crate::{
     bus::Bus,
@@ -19,6 +19,7 @@ use crate::{
     http::{self, Path, Problem, Readiness},
     outbox::{self, OutboxSignal},
     shutdown::Shutdown,
+    timer,
 };
 
 /// A service's shared runtime pieces, handed to its `start` function.
@@ -66,6 +67,16 @@ impl ServiceHost {
     /// Runs a background task (a timer loop) until shutdown.
     pub fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(task);
+    }
+
+    /// Runs a durable-timer loop (see [`crate::timer`]) until shutdown.
+    pub fn spawn_timer<F, Fut>(&mut self, name: &'static str, wake: Arc<Notify>, fire: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<Option<i64>>> + Send + 'static,
+    {
+        let shutdown = self.ctx.shutdown.clone();
+        self.tasks.spawn(timer::run(name, wake, shutdown, fire));
     }
 
     /// Starts the service's consumer and its dead-letter admin routes.
