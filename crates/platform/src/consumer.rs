@@ -98,6 +98,11 @@ pub struct Consumer<H> {
 
 const BATCH: usize = 128;
 const IDLE_WAIT: Duration = Duration::from_millis(500);
+/// How long a dedup record is kept. A redelivery comes from an unacknowledged
+/// batch (seconds) or a republished outbox batch (seconds); a week is far
+/// beyond either, and keeps `processed_events` from growing without bound.
+const DEDUP_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 impl<H: Handler> Consumer<H> {
     pub fn new(name: impl Into<String>, db: Db, handler: Arc<H>, outbox: OutboxSignal) -> Self {
@@ -134,7 +139,14 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         };
+        let mut last_prune = tokio::time::Instant::now();
         while !shutdown.is_triggered() {
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = tokio::time::Instant::now();
+                if let Err(e) = self.prune(DEDUP_RETENTION).await {
+                    tracing::warn!(consumer = %self.name, error = %e, "pruning dedup records failed");
+                }
+            }
             let batch = tokio::select! {
                 b = sub.next_batch(BATCH, IDLE_WAIT) => b,
                 _ = shutdown.wait() => return,
@@ -267,6 +279,18 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         }
+    }
+
+    /// Forgets dedup records older than `age`; returns how many.
+    pub async fn prune(&self, age: Duration) -> Result<u64, sqlx::Error> {
+        let cutoff = now_ms() - age.as_millis() as i64;
+        let done =
+            sqlx::query("DELETE FROM processed_events WHERE consumer = $1 AND processed_at < $2")
+                .bind(&self.name)
+                .bind(cutoff)
+                .execute(self.db.writer())
+                .await?;
+        Ok(done.rows_affected())
     }
 
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, sqlx::Error> {

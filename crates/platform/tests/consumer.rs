@@ -131,6 +131,17 @@ async fn the_same_event_delivered_twice_has_one_effect() {
         Some(Outcome::Duplicate)
     );
     assert_eq!(effects(&f.db).await, 1);
+    // Records younger than the retention are kept; older ones go.
+    assert_eq!(
+        f.consumer.prune(Duration::from_secs(3600)).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        f.consumer.offer(&env, &stop).await,
+        Some(Outcome::Duplicate)
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(f.consumer.prune(Duration::ZERO).await.unwrap(), 1);
 }
 
 #[tokio::test]
