@@ -12,6 +12,9 @@ CREATE TABLE views (
     reject_reason  TEXT,
     cancel_reason  TEXT,
     refuse_reason  TEXT,
-    updated_at     BIGINT NOT NULL
+    updated_at     BIGINT NOT NULL,
+    -- When this row last changed: projected_at - updated_at is how long the
+    -- view trailed the event (its staleness).
+    projected_at   BIGINT NOT NULL
 );
 CREATE INDEX views_by_customer ON views (customer_id, order_id);

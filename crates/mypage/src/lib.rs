@@ -31,11 +31,17 @@ pub fn migrations() -> Migrations {
 }
 
 const COLUMNS: &str = "order_id, customer_id, restaurant_id, items, facts, cook_id, delivery_id, \
-                       reject_reason, cancel_reason, refuse_reason, updated_at";
+                       reject_reason, cancel_reason, refuse_reason, updated_at, projected_at";
 
-fn from_row(r: &AnyRow) -> Result<View, sqlx::Error> {
+/// A view as stored: the projection plus when it was last written.
+struct Stored {
+    view: View,
+    projected_at: i64,
+}
+
+fn from_row(r: &AnyRow) -> Result<Stored, sqlx::Error> {
     let items: Option<String> = r.try_get(3)?;
-    Ok(View {
+    let view = View {
         order_id: r.try_get(0)?,
         customer_id: r.try_get(1)?,
         restaurant_id: r.try_get(2)?,
@@ -50,6 +56,10 @@ fn from_row(r: &AnyRow) -> Result<View, sqlx::Error> {
         cancel_reason: r.try_get(8)?,
         refuse_reason: r.try_get(9)?,
         updated_at: r.try_get(10)?,
+    };
+    Ok(Stored {
+        view,
+        projected_at: r.try_get(11)?,
     })
 }
 
@@ -58,7 +68,7 @@ async fn project(db: &Db, tx: &mut Tx, env: &Envelope, event: &Event) -> Result<
     // Make sure the row exists so it can be locked: two replicas applying
     // events of one order must not lose each other's update.
     sqlx::query(
-        "INSERT INTO views (order_id, facts, updated_at) VALUES ($1, 0, 0) \
+        "INSERT INTO views (order_id, facts, updated_at, projected_at) VALUES ($1, 0, 0, 0) \
          ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(&env.order_id)
@@ -71,8 +81,9 @@ async fn project(db: &Db, tx: &mut Tx, env: &Envelope, event: &Event) -> Result<
     .bind(&env.order_id)
     .fetch_one(&mut **tx)
     .await?;
-    let mut view = from_row(&row)?;
+    let mut view = from_row(&row)?.view;
     let before = view.clone();
+    let now = restaurant_contract::now_ms();
     view.apply(event, env.occurred_at);
     if view == before {
         return Ok(());
@@ -80,7 +91,7 @@ async fn project(db: &Db, tx: &mut Tx, env: &Envelope, event: &Event) -> Result<
     sqlx::query(
         "UPDATE views SET customer_id = $2, restaurant_id = $3, items = $4, facts = $5, \
          cook_id = $6, delivery_id = $7, reject_reason = $8, cancel_reason = $9, \
-         refuse_reason = $10, updated_at = $11 WHERE order_id = $1",
+         refuse_reason = $10, updated_at = $11, projected_at = $12 WHERE order_id = $1",
     )
     .bind(&view.order_id)
     .bind(&view.customer_id)
@@ -97,10 +108,11 @@ async fn project(db: &Db, tx: &mut Tx, env: &Envelope, event: &Event) -> Result<
     .bind(&view.cancel_reason)
     .bind(&view.refuse_reason)
     .bind(view.updated_at)
+    .bind(now)
     .execute(&mut **tx)
     .await?;
     // How far the view trails the event: the CQRS staleness.
-    let lag = (restaurant_contract::now_ms() - env.occurred_at).max(0) as f64 / 1000.0;
+    let lag = (now - env.occurred_at).max(0) as f64 / 1000.0;
     metrics::histogram!("mypage_staleness_seconds").record(lag);
     Ok(())
 }
@@ -129,12 +141,21 @@ pub struct MyPage {
     cook_id: Option<String>,
     delivery_id: Option<String>,
     reason: Option<String>,
+    /// When the latest event this view reflects happened.
     updated_at: String,
+    /// When the view last changed; minus `updatedAt`, its staleness.
+    projected_at: String,
 }
 
-impl From<View> for MyPage {
-    fn from(v: View) -> Self {
+impl From<Stored> for MyPage {
+    fn from(
+        Stored {
+            view: v,
+            projected_at,
+        }: Stored,
+    ) -> Self {
         MyPage {
+            projected_at: rfc3339(projected_at),
             order_status: v.order_status(),
             cook_status: v.cook_status(),
             delivery_status: v.delivery_status(),
