@@ -7,10 +7,15 @@
 //! and over HTTP on loopback, exactly as they do when deployed apart.
 #![forbid(unsafe_code)]
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use restaurant_platform::{
+    breaker::BreakerConfig,
     bus::{Bus, EventLog},
     db::{Db, DbOptions, Migrations},
     service::{RunningService, ServiceContext},
@@ -31,6 +36,8 @@ pub struct UpConfig {
     pub fsync: bool,
     /// Deadline of the order service's synchronous cancel call to the kitchen.
     pub cancel_timeout: Duration,
+    /// The circuit breaker on that call.
+    pub cancel_breaker: BreakerConfig,
     /// Seed the demo menu if the kitchen has none.
     pub seed_demo_menu: bool,
 }
@@ -44,6 +51,7 @@ impl UpConfig {
             delivery_time: Some(Duration::from_secs(5)),
             fsync: true,
             cancel_timeout: Duration::from_secs(1),
+            cancel_breaker: BreakerConfig::default(),
             seed_demo_menu: true,
         }
     }
@@ -53,17 +61,30 @@ impl UpConfig {
 pub struct System {
     pub gateway_url: String,
     gateway: restaurant_gateway::RunningGateway,
-    services: Vec<RunningService>,
+    services: Vec<Slot>,
+    launcher: Launcher,
     log: EventLog,
-    shutdown: Shutdown,
 }
 
-async fn open_db(
-    dir: &std::path::Path,
-    name: &str,
-    m: Migrations,
-    fsync: bool,
-) -> anyhow::Result<Db> {
+/// One service's place in the system: its address stays fixed across
+/// restarts, so its peers and the gateway keep reaching it.
+struct Slot {
+    name: &'static str,
+    addr: SocketAddr,
+    running: Option<RunningService>,
+}
+
+/// Everything needed to (re)start a service.
+struct Launcher {
+    cfg: UpConfig,
+    bus: Bus,
+    cook_url: String,
+}
+
+/// The services `restaurant up` runs, in start order.
+pub const SERVICES: [&str; 4] = ["cook", "order", "delivery", "mypage"];
+
+async fn open_db(dir: &Path, name: &str, m: Migrations, fsync: bool) -> anyhow::Result<Db> {
     let path = dir.join(format!("{name}.db"));
     Db::connect(
         &format!("sqlite://{}", path.display()),
@@ -77,104 +98,150 @@ async fn open_db(
     .with_context(|| format!("opening {}", path.display()))
 }
 
-async fn loopback() -> std::io::Result<TcpListener> {
-    TcpListener::bind("127.0.0.1:0").await
+impl Launcher {
+    async fn launch(&self, name: &str, listener: TcpListener) -> anyhow::Result<RunningService> {
+        let (dir, fsync) = (self.cfg.data_dir.as_path(), self.cfg.fsync);
+        let ctx = |name, db| ServiceContext::new(name, db, self.bus.clone(), Shutdown::new());
+        let running = match name {
+            restaurant_order::NAME => {
+                let db = open_db(dir, name, restaurant_order::migrations(), fsync).await?;
+                let config = restaurant_order::Config {
+                    cook_url: self.cook_url.clone(),
+                    cancel_timeout: self.cfg.cancel_timeout,
+                    breaker: self.cfg.cancel_breaker,
+                };
+                restaurant_order::start(ctx(restaurant_order::NAME, db), listener, config).await?
+            }
+            restaurant_cook::NAME => {
+                let db = open_db(dir, name, restaurant_cook::migrations(), fsync).await?;
+                if self.cfg.seed_demo_menu && restaurant_cook::seed_demo_menu(&db).await? {
+                    let r = restaurant_cook::DEMO_RESTAURANT;
+                    tracing::info!(restaurant = r, "seeded the demo menu");
+                }
+                let config = restaurant_cook::Config {
+                    cook_time: self.cfg.cook_time,
+                };
+                restaurant_cook::start(ctx(restaurant_cook::NAME, db), listener, config).await?
+            }
+            restaurant_delivery::NAME => {
+                let db = open_db(dir, name, restaurant_delivery::migrations(), fsync).await?;
+                let config = restaurant_delivery::Config {
+                    delivery_time: self.cfg.delivery_time,
+                };
+                restaurant_delivery::start(ctx(restaurant_delivery::NAME, db), listener, config)
+                    .await?
+            }
+            restaurant_mypage::NAME => {
+                let db = open_db(dir, name, restaurant_mypage::migrations(), fsync).await?;
+                restaurant_mypage::start(ctx(restaurant_mypage::NAME, db), listener).await?
+            }
+            other => anyhow::bail!("no service named {other:?}"),
+        };
+        Ok(running)
+    }
 }
 
 impl System {
     pub async fn start(cfg: UpConfig) -> anyhow::Result<System> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-        let dir = cfg.data_dir.as_path();
-        let log = EventLog::open(&dir.join("events.db"), cfg.fsync)
+        let log = EventLog::open(&cfg.data_dir.join("events.db"), cfg.fsync)
             .await
             .context("opening the event log")?;
-        let bus = Bus::Embedded(log.clone());
-        let shutdown = Shutdown::new();
-        let ctx = |name, db| ServiceContext::new(name, db, bus.clone(), shutdown.clone());
-
-        let cook_db = open_db(dir, "cook", restaurant_cook::migrations(), cfg.fsync).await?;
-        if cfg.seed_demo_menu && restaurant_cook::seed_demo_menu(&cook_db).await? {
-            tracing::info!(
-                restaurant = restaurant_cook::DEMO_RESTAURANT,
-                "seeded the demo menu"
-            );
+        // Every service gets its loopback port first, so each knows where
+        // its peers are before any of them starts.
+        let mut listeners = Vec::new();
+        for name in SERVICES {
+            let l = TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", l.local_addr()?);
+            listeners.push((name, l, url));
         }
-        let cook = restaurant_cook::start(
-            ctx(restaurant_cook::NAME, cook_db),
-            loopback().await?,
-            restaurant_cook::Config {
-                cook_time: cfg.cook_time,
-            },
-        )
-        .await?;
-        let order_db = open_db(dir, "order", restaurant_order::migrations(), cfg.fsync).await?;
-        let order = restaurant_order::start(
-            ctx(restaurant_order::NAME, order_db),
-            loopback().await?,
-            restaurant_order::Config {
-                cook_url: cook.url(),
-                cancel_timeout: cfg.cancel_timeout,
-            },
-        )
-        .await?;
-        let delivery_db = open_db(
-            dir,
-            "delivery",
-            restaurant_delivery::migrations(),
-            cfg.fsync,
-        )
-        .await?;
-        let delivery = restaurant_delivery::start(
-            ctx(restaurant_delivery::NAME, delivery_db),
-            loopback().await?,
-            restaurant_delivery::Config {
-                delivery_time: cfg.delivery_time,
-            },
-        )
-        .await?;
-        let mypage_db = open_db(dir, "mypage", restaurant_mypage::migrations(), cfg.fsync).await?;
-        let mypage =
-            restaurant_mypage::start(ctx(restaurant_mypage::NAME, mypage_db), loopback().await?)
-                .await?;
-
+        let url_of = |n: &str| {
+            listeners
+                .iter()
+                .find(|(name, ..)| *name == n)
+                .map(|(.., url)| url.clone())
+                .expect("every service has a listener")
+        };
+        let upstreams = restaurant_gateway::Upstreams {
+            order: url_of("order"),
+            cook: url_of("cook"),
+            delivery: url_of("delivery"),
+            mypage: url_of("mypage"),
+        };
+        let launcher = Launcher {
+            cook_url: upstreams.cook.clone(),
+            bus: Bus::Embedded(log.clone()),
+            cfg: cfg.clone(),
+        };
+        let mut services = Vec::new();
+        for (name, listener, _) in listeners {
+            let addr = listener.local_addr()?;
+            let running = launcher.launch(name, listener).await?;
+            services.push(Slot {
+                name: running.name,
+                addr,
+                running: Some(running),
+            });
+        }
         let listener = TcpListener::bind(("127.0.0.1", cfg.port))
             .await
             .with_context(|| format!("binding the gateway to port {}", cfg.port))?;
         let gateway = restaurant_gateway::start(
             listener,
             restaurant_gateway::Config {
-                upstreams: restaurant_gateway::Upstreams {
-                    order: order.url(),
-                    cook: cook.url(),
-                    delivery: delivery.url(),
-                    mypage: mypage.url(),
-                },
+                upstreams,
                 timeout: Duration::from_secs(10),
             },
-            shutdown.clone(),
+            Shutdown::new(),
         )?;
         Ok(System {
             gateway_url: gateway.url(),
             gateway,
-            services: vec![order, cook, delivery, mypage],
+            services,
+            launcher,
             log,
-            shutdown,
         })
     }
 
-    /// Resolves when the system has been asked to stop.
-    pub async fn stopping(&self) {
-        self.shutdown.wait().await;
+    fn slot(&mut self, name: &str) -> anyhow::Result<&mut Slot> {
+        self.services
+            .iter_mut()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no service named {name:?}"))
     }
 
-    /// Graceful stop: the gateway and services stop taking requests,
-    /// in-flight requests finish, consumers finish their batch, relays drain
-    /// committed outbox rows to the log, then the databases close.
+    /// Stops one service gracefully, as an operator (or an outage) would;
+    /// the rest of the system keeps running without it.
+    pub async fn stop_service(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some(s) = self.slot(name)?.running.take() {
+            s.stop().await;
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped service again on its old address.
+    pub async fn start_service(&mut self, name: &str) -> anyhow::Result<()> {
+        let slot = self.slot(name)?;
+        if slot.running.is_some() {
+            return Ok(());
+        }
+        let addr = slot.addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("rebinding {name} to {addr}"))?;
+        let running = self.launcher.launch(name, listener).await?;
+        self.slot(name)?.running = Some(running);
+        Ok(())
+    }
+
+    /// Graceful stop: the gateway stops taking requests and finishes the ones
+    /// in flight, then each service does the same, its consumer finishes its
+    /// batch and its relay drains committed outbox rows to the log; then the
+    /// databases close.
     pub async fn stop(self) {
-        self.shutdown.trigger();
         self.gateway.stop().await;
-        for s in self.services {
+        for s in self.services.into_iter().filter_map(|s| s.running) {
             s.stop().await;
         }
         self.log.close().await;
@@ -183,7 +250,7 @@ impl System {
     /// As if the process died: every task is cancelled wherever it is.
     pub async fn kill(self) {
         self.gateway.kill();
-        for s in self.services {
+        for s in self.services.into_iter().filter_map(|s| s.running) {
             s.kill().await;
         }
         self.log.close().await;

@@ -6,13 +6,12 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 async fn expect_problem(res: reqwest::Response, status: u16) -> Value {
-    assert_eq!(res.status().as_u16(), status);
-    assert_eq!(
-        res.headers()["content-type"],
-        "application/problem+json",
-        "problem details for {status}"
-    );
-    let body: Value = res.json().await.unwrap();
+    let got = res.status().as_u16();
+    let content_type = res.headers()["content-type"].to_str().unwrap().to_owned();
+    let text = res.text().await.unwrap();
+    assert_eq!(got, status, "{text}");
+    assert_eq!(content_type, "application/problem+json", "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["status"], status);
     assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
     body

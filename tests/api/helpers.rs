@@ -71,6 +71,10 @@ impl TestApp {
         self.system = Some(system);
     }
 
+    pub fn system_mut(&mut self) -> &mut System {
+        self.system.as_mut().expect("running in this process")
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.system.take() {
             s.stop().await;

@@ -5,5 +5,6 @@
 mod bad_input;
 mod cancel;
 mod crash;
+mod faults;
 mod helpers;
 mod saga;

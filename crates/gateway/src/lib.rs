@@ -100,6 +100,7 @@ pub struct Config {
 }
 
 pub fn router(config: Config, shutdown: Shutdown) -> Router {
+    restaurant_platform::telemetry::metrics_handle();
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(1)));

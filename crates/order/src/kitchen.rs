@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use restaurant_platform::client::{CallError, JsonClient};
+use restaurant_platform::{
+    breaker::{BreakerConfig, CircuitBreaker},
+    client::{CallError, JsonClient},
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,15 +41,24 @@ pub struct Kitchen {
     base_url: String,
     client: JsonClient,
     deadline: Duration,
+    /// Opens after consecutive timeouts or connection failures, so that a
+    /// hung kitchen costs a cancel nothing: the call fails fast into the
+    /// durable fallback instead of waiting out the deadline each time.
+    breaker: CircuitBreaker,
 }
 
 impl Kitchen {
-    pub fn new(base_url: impl Into<String>, deadline: Duration) -> Self {
+    pub fn new(base_url: impl Into<String>, deadline: Duration, breaker: BreakerConfig) -> Self {
         Kitchen {
             base_url: base_url.into(),
             client: JsonClient::new(),
             deadline,
+            breaker: CircuitBreaker::new("order_to_cook_cancel", breaker),
         }
+    }
+
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
     }
 
     /// Asks the kitchen to cancel `order_id`'s ticket. The kitchen treats a
@@ -64,12 +76,26 @@ impl Kitchen {
             request_id,
         };
         let headers = [("idempotency-key", order_id), ("traceparent", traceparent)];
-        match self
+        let permit = match self.breaker.acquire() {
+            Ok(p) => p,
+            Err(open) => {
+                return KitchenAnswer::Unavailable {
+                    why: open.to_string(),
+                };
+            }
+        };
+        let result = self
             .client
             .post_json(&url, &body, &headers, self.deadline)
-            .await
-        {
+            .await;
+        match result {
             Ok((status, bytes)) => {
+                // Any answer but a server error means the kitchen works.
+                if status.is_server_error() {
+                    permit.failure();
+                } else {
+                    permit.success();
+                }
                 let answer: Option<Answer> = serde_json::from_slice(&bytes).ok();
                 let text = answer
                     .and_then(|a| a.reason.or(a.detail))
@@ -82,9 +108,15 @@ impl Kitchen {
                     },
                 }
             }
-            Err(
-                e @ (CallError::Unreachable(_) | CallError::Timeout(_) | CallError::Invalid(_)),
-            ) => KitchenAnswer::Unavailable { why: e.to_string() },
+            Err(e @ (CallError::Unreachable(_) | CallError::Timeout(_))) => {
+                permit.failure();
+                KitchenAnswer::Unavailable { why: e.to_string() }
+            }
+            Err(e @ CallError::Invalid(_)) => {
+                // Our request could not be built: not the kitchen's fault.
+                permit.success();
+                KitchenAnswer::Unavailable { why: e.to_string() }
+            }
         }
     }
 }

@@ -22,6 +22,7 @@ use axum::{
     routing::{get, post},
 };
 use restaurant_platform::{
+    breaker::BreakerConfig,
     db::Migrations,
     service::{RunningService, ServiceContext, ServiceHost},
 };
@@ -40,6 +41,8 @@ pub struct Config {
     pub cook_url: String,
     /// Deadline of that call; past it the cancel is deferred.
     pub cancel_timeout: Duration,
+    /// The circuit breaker on that call.
+    pub breaker: BreakerConfig,
 }
 
 #[derive(Clone)]
@@ -62,7 +65,7 @@ pub async fn start(
     config: Config,
 ) -> std::io::Result<RunningService> {
     let app = App {
-        kitchen: kitchen::Kitchen::new(config.cook_url, config.cancel_timeout),
+        kitchen: kitchen::Kitchen::new(config.cook_url, config.cancel_timeout, config.breaker),
         ctx: ctx.clone(),
     };
     let mut host = ServiceHost::new(ctx);

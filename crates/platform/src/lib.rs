@@ -14,9 +14,11 @@
 //! - [`http`]: problem-details errors, extractors that never leak a plain
 //!   rejection, request ids and trace context, health and metrics routes.
 //! - [`service`]: wiring a service's parts into running tasks.
+//! - [`breaker`]: a circuit breaker for synchronous calls to another service.
 //! - [`shutdown`], [`telemetry`], [`client`].
 #![forbid(unsafe_code)]
 
+pub mod breaker;
 pub mod bus;
 pub mod client;
 pub mod consumer;

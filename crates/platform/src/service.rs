@@ -34,6 +34,9 @@ pub struct ServiceContext {
 
 impl ServiceContext {
     pub fn new(name: &'static str, db: Db, bus: Bus, shutdown: Shutdown) -> Self {
+        // Metrics recorded before the recorder exists are dropped, so make
+        // sure it exists before the service does anything worth counting.
+        crate::telemetry::metrics_handle();
         ServiceContext {
             name,
             db,
