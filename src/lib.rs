@@ -40,6 +40,8 @@ pub struct UpConfig {
     pub cancel_breaker: BreakerConfig,
     /// Seed the demo menu if the kitchen has none.
     pub seed_demo_menu: bool,
+    /// Requests the gateway proxies at once before it sheds with 503.
+    pub max_in_flight: usize,
 }
 
 impl UpConfig {
@@ -53,6 +55,7 @@ impl UpConfig {
             cancel_timeout: Duration::from_secs(1),
             cancel_breaker: BreakerConfig::default(),
             seed_demo_menu: true,
+            max_in_flight: 2048,
         }
     }
 }
@@ -190,8 +193,8 @@ impl System {
         let gateway = restaurant_gateway::start(
             listener,
             restaurant_gateway::Config {
-                upstreams,
-                timeout: Duration::from_secs(10),
+                max_in_flight: cfg.max_in_flight,
+                ..restaurant_gateway::Config::new(upstreams)
             },
             Shutdown::new(),
         )?;

@@ -43,6 +43,15 @@ enum Command {
         /// Deadline of the synchronous cancel call to the kitchen.
         #[arg(long, default_value = "1s")]
         cancel_timeout: Timer,
+        /// Consecutive failures of that call that open its circuit breaker.
+        #[arg(long, default_value_t = 5)]
+        breaker_failures: u32,
+        /// How long the breaker stays open before a probe (doubles per failed probe).
+        #[arg(long, default_value = "5s")]
+        breaker_open: Timer,
+        /// Requests the gateway proxies at once; beyond that it sheds with 503.
+        #[arg(long, default_value_t = 2048)]
+        max_in_flight: usize,
     },
     /// List or replay events a service parked as dead letters.
     DeadLetters {
@@ -70,6 +79,9 @@ async fn main() -> anyhow::Result<()> {
             delivery_time,
             no_fsync,
             cancel_timeout,
+            breaker_failures,
+            breaker_open,
+            max_in_flight,
         } => {
             let mut cfg = UpConfig::new(data_dir);
             cfg.port = port;
@@ -77,6 +89,11 @@ async fn main() -> anyhow::Result<()> {
             cfg.delivery_time = delivery_time.0;
             cfg.fsync = !no_fsync;
             cfg.cancel_timeout = cancel_timeout.0.unwrap_or(Duration::from_secs(1));
+            cfg.cancel_breaker.failure_threshold = breaker_failures.max(1);
+            if let Some(open) = breaker_open.0 {
+                cfg.cancel_breaker.open_for = open;
+            }
+            cfg.max_in_flight = max_in_flight;
             let system = System::start(cfg).await?;
             let url = &system.gateway_url;
             println!("restaurant is up at {url}");

@@ -90,3 +90,53 @@ async fn orders_placed_while_kitchen_and_delivery_are_down_wait_and_then_complet
     assert_eq!(app.get("/readyz").await.status(), 200);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_cancel_the_kitchen_refuses_lets_the_order_go_on_and_says_why() {
+    let mut app = TestApp::spawn_with(|c| c.cancel_timeout = Duration::from_millis(300)).await;
+    let r = restaurant();
+    app.set_menu(&r, "japchae", 5).await;
+    app.system_mut().stop_service("delivery").await.unwrap();
+    let id = app.place_ok("hana", &r, &[("japchae", 1)]).await;
+    let accepted = app.wait_status(&id, "ACCEPTED").await;
+    let cook_id = accepted["cookId"].as_str().unwrap();
+    assert_eq!(
+        app.post(&format!("/cooks/{cook_id}/complete"))
+            .await
+            .status(),
+        200
+    );
+
+    // The kitchen is away when the customer cancels: deferred.
+    app.system_mut().stop_service("cook").await.unwrap();
+    assert_eq!(app.cancel(&id).await.status(), 202);
+    app.system_mut().start_service("cook").await.unwrap();
+
+    // Back, the kitchen finds the dish cooked and refuses; the order resumes.
+    let order = app
+        .wait_until(&format!("/orders/{id}"), |o| {
+            o["status"] == "ACCEPTED" && !o["reason"].is_null()
+        })
+        .await;
+    assert_eq!(order["reason"], "cancel refused: already cooked");
+    let view = app
+        .wait_mypage(&id, |v| {
+            v["orderStatus"] == "ACCEPTED" && !v["reason"].is_null()
+        })
+        .await;
+    assert_eq!(view["reason"], "cancel refused: already cooked");
+    assert_eq!(view["cookStatus"], "COOKED");
+    assert_eq!(app.stock(&r, "japchae").await, 4, "nothing restored");
+
+    app.system_mut().start_service("delivery").await.unwrap();
+    let delivering = app.wait_status(&id, "DELIVERING").await;
+    let delivery_id = delivering["deliveryId"].as_str().unwrap();
+    app.post(&format!("/deliveries/{delivery_id}/complete"))
+        .await;
+    app.wait_status(&id, "DELIVERED").await;
+    let view = app
+        .wait_mypage(&id, |v| v["orderStatus"] == "DELIVERED")
+        .await;
+    assert_eq!(view["reason"], "cancel refused: already cooked");
+    app.stop().await;
+}

@@ -23,7 +23,7 @@ use restaurant_platform::{
     http::{Problem, TRACEPARENT, X_REQUEST_ID, problem_safety_net},
     shutdown::Shutdown,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 /// Where each service listens.
 #[derive(Clone, Debug)]
@@ -89,6 +89,10 @@ struct Gateway {
     routes: Arc<Vec<Route>>,
     client: Client<HttpConnector, Body>,
     timeout: Duration,
+    /// Proxied requests in flight. When none is left the gateway sheds load
+    /// with a fast 503 + Retry-After instead of queueing without bound: a
+    /// queue only converts overload into timeouts for everyone.
+    in_flight: Arc<Semaphore>,
     shutdown: Shutdown,
 }
 
@@ -97,6 +101,18 @@ pub struct Config {
     pub upstreams: Upstreams,
     /// Deadline for one upstream exchange (headers of the response).
     pub timeout: Duration,
+    /// Most proxied requests in flight at once; beyond it, 503.
+    pub max_in_flight: usize,
+}
+
+impl Config {
+    pub fn new(upstreams: Upstreams) -> Self {
+        Config {
+            upstreams,
+            timeout: Duration::from_secs(10),
+            max_in_flight: 2048,
+        }
+    }
 }
 
 pub fn router(config: Config, shutdown: Shutdown) -> Router {
@@ -112,6 +128,7 @@ pub fn router(config: Config, shutdown: Shutdown) -> Router {
         routes: Arc::new(routes(&config.upstreams)),
         client,
         timeout: config.timeout,
+        in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
         shutdown,
     };
     Router::new()
@@ -165,6 +182,12 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
 }
 
 async fn proxy(State(gw): State<Gateway>, mut req: Request) -> Response {
+    let Ok(_slot) = gw.in_flight.clone().try_acquire_owned() else {
+        metrics::counter!("gateway_shed_total").increment(1);
+        return Problem::unavailable("the gateway is at capacity; retry shortly")
+            .retry_after(Duration::from_secs(1))
+            .into_response();
+    };
     let path = req.uri().path();
     let Some(route) = gw.routes.iter().find(|r| r.matches(path)) else {
         return Problem::not_found(format!("no route for {path}")).into_response();
