@@ -7,11 +7,9 @@
 //! and over HTTP on loopback, exactly as they do when deployed apart.
 #![forbid(unsafe_code)]
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+pub mod supervisor;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use restaurant_platform::{
@@ -29,6 +27,8 @@ pub struct UpConfig {
     /// Gateway port; 0 picks a free one.
     pub port: u16,
     pub data_dir: PathBuf,
+    /// A database URL (PostgreSQL) instead of SQLite files in `data_dir`.
+    pub database_url: Option<String>,
     /// Automatic completion of cooking / delivery; `None` = only by endpoint.
     pub cook_time: Option<Duration>,
     pub delivery_time: Option<Duration>,
@@ -49,6 +49,7 @@ impl UpConfig {
         UpConfig {
             port: 8080,
             data_dir: data_dir.into(),
+            database_url: None,
             cook_time: Some(Duration::from_secs(3)),
             delivery_time: Some(Duration::from_secs(5)),
             fsync: true,
@@ -77,8 +78,9 @@ struct Slot {
     running: Option<RunningService>,
 }
 
-/// Everything needed to (re)start a service.
-struct Launcher {
+/// Everything needed to (re)start a service: `restaurant up` keeps one to
+/// restart services in place, `restaurant serve` uses one to run one.
+pub struct Launcher {
     cfg: UpConfig,
     bus: Bus,
     cook_url: String,
@@ -87,27 +89,41 @@ struct Launcher {
 /// The services `restaurant up` runs, in start order.
 pub const SERVICES: [&str; 4] = ["cook", "order", "delivery", "mypage"];
 
-async fn open_db(dir: &Path, name: &str, m: Migrations, fsync: bool) -> anyhow::Result<Db> {
-    let path = dir.join(format!("{name}.db"));
-    Db::connect(
-        &format!("sqlite://{}", path.display()),
-        &m,
-        DbOptions {
-            fsync,
-            ..DbOptions::default()
-        },
-    )
-    .await
-    .with_context(|| format!("opening {}", path.display()))
+/// The service's database: `database_url` if set, else its own SQLite file
+/// in the data directory.
+async fn open_db(cfg: &UpConfig, name: &str, m: Migrations) -> anyhow::Result<Db> {
+    let url = match &cfg.database_url {
+        Some(url) => url.clone(),
+        None => format!(
+            "sqlite://{}",
+            cfg.data_dir.join(format!("{name}.db")).display()
+        ),
+    };
+    let opts = DbOptions {
+        fsync: cfg.fsync,
+        ..DbOptions::default()
+    };
+    Db::connect(&url, &m, opts)
+        .await
+        .with_context(|| format!("opening the {name} database"))
 }
 
 impl Launcher {
-    async fn launch(&self, name: &str, listener: TcpListener) -> anyhow::Result<RunningService> {
-        let (dir, fsync) = (self.cfg.data_dir.as_path(), self.cfg.fsync);
+    pub fn new(cfg: UpConfig, bus: Bus, cook_url: String) -> Self {
+        Launcher { cfg, bus, cook_url }
+    }
+
+    /// Starts service `name` on `listener`.
+    pub async fn launch(
+        &self,
+        name: &str,
+        listener: TcpListener,
+    ) -> anyhow::Result<RunningService> {
+        let cfg = &self.cfg;
         let ctx = |name, db| ServiceContext::new(name, db, self.bus.clone(), Shutdown::new());
         let running = match name {
             restaurant_order::NAME => {
-                let db = open_db(dir, name, restaurant_order::migrations(), fsync).await?;
+                let db = open_db(cfg, name, restaurant_order::migrations()).await?;
                 let config = restaurant_order::Config {
                     cook_url: self.cook_url.clone(),
                     cancel_timeout: self.cfg.cancel_timeout,
@@ -116,7 +132,7 @@ impl Launcher {
                 restaurant_order::start(ctx(restaurant_order::NAME, db), listener, config).await?
             }
             restaurant_cook::NAME => {
-                let db = open_db(dir, name, restaurant_cook::migrations(), fsync).await?;
+                let db = open_db(cfg, name, restaurant_cook::migrations()).await?;
                 if self.cfg.seed_demo_menu && restaurant_cook::seed_demo_menu(&db).await? {
                     let r = restaurant_cook::DEMO_RESTAURANT;
                     tracing::info!(restaurant = r, "seeded the demo menu");
@@ -127,7 +143,7 @@ impl Launcher {
                 restaurant_cook::start(ctx(restaurant_cook::NAME, db), listener, config).await?
             }
             restaurant_delivery::NAME => {
-                let db = open_db(dir, name, restaurant_delivery::migrations(), fsync).await?;
+                let db = open_db(cfg, name, restaurant_delivery::migrations()).await?;
                 let config = restaurant_delivery::Config {
                     delivery_time: self.cfg.delivery_time,
                 };
@@ -135,7 +151,7 @@ impl Launcher {
                     .await?
             }
             restaurant_mypage::NAME => {
-                let db = open_db(dir, name, restaurant_mypage::migrations(), fsync).await?;
+                let db = open_db(cfg, name, restaurant_mypage::migrations()).await?;
                 restaurant_mypage::start(ctx(restaurant_mypage::NAME, db), listener).await?
             }
             other => anyhow::bail!("no service named {other:?}"),

@@ -4,8 +4,13 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand};
-use restaurant::{System, Timer, UpConfig};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use restaurant::{Launcher, System, Timer, UpConfig};
+use restaurant_platform::{
+    bus::{Bus, EventLog},
+    shutdown::Shutdown,
+};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +23,54 @@ struct Cli {
     command: Command,
 }
 
+/// Flags that shape how the services behave, shared by `up` and `serve`.
+#[derive(Args, Clone)]
+struct Tuning {
+    /// Where the databases and the event log live.
+    #[arg(long, env = "RESTAURANT_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Cooking completes by itself after this long (`off`: only by
+    /// POST /cooks/{id}/complete).
+    #[arg(long, default_value = "3s")]
+    cook_time: Timer,
+    /// Delivery completes by itself after this long (`off`: only by
+    /// POST /deliveries/{id}/complete).
+    #[arg(long, default_value = "5s")]
+    delivery_time: Timer,
+    /// Skip fsync on commit: survives a process crash, not power loss.
+    #[arg(long)]
+    no_fsync: bool,
+    /// Deadline of the synchronous cancel call to the kitchen.
+    #[arg(long, default_value = "1s")]
+    cancel_timeout: Timer,
+    /// Consecutive failures of that call that open its circuit breaker.
+    #[arg(long, default_value_t = 5)]
+    breaker_failures: u32,
+    /// How long the breaker stays open before a probe (doubles per failed probe).
+    #[arg(long, default_value = "5s")]
+    breaker_open: Timer,
+    /// Requests the gateway proxies at once; beyond that it sheds with 503.
+    #[arg(long, default_value_t = 2048)]
+    max_in_flight: usize,
+}
+
+impl Tuning {
+    fn config(&self, port: u16) -> UpConfig {
+        let mut cfg = UpConfig::new(&self.data_dir);
+        cfg.port = port;
+        cfg.cook_time = self.cook_time.0;
+        cfg.delivery_time = self.delivery_time.0;
+        cfg.fsync = !self.no_fsync;
+        cfg.cancel_timeout = self.cancel_timeout.0.unwrap_or(Duration::from_secs(1));
+        cfg.cancel_breaker.failure_threshold = self.breaker_failures.max(1);
+        if let Some(open) = self.breaker_open.0 {
+            cfg.cancel_breaker.open_for = open;
+        }
+        cfg.max_in_flight = self.max_in_flight;
+        cfg
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole system on this machine: embedded storage and event log,
@@ -26,32 +79,35 @@ enum Command {
         /// Gateway port (0 picks a free one).
         #[arg(long, env = "RESTAURANT_PORT", default_value_t = 8080)]
         port: u16,
-        /// Where the databases and the event log live.
-        #[arg(long, env = "RESTAURANT_DATA_DIR", default_value = "./data")]
-        data_dir: PathBuf,
-        /// Cooking completes by itself after this long (`off`: only by
-        /// POST /cooks/{id}/complete).
-        #[arg(long, default_value = "3s")]
-        cook_time: Timer,
-        /// Delivery completes by itself after this long (`off`: only by
-        /// POST /deliveries/{id}/complete).
-        #[arg(long, default_value = "5s")]
-        delivery_time: Timer,
-        /// Skip fsync on commit: survives a process crash, not power loss.
+        /// Run every service and the gateway as its own supervised OS
+        /// process (restarted if it dies); pids in <data-dir>/processes.json.
         #[arg(long)]
-        no_fsync: bool,
-        /// Deadline of the synchronous cancel call to the kitchen.
-        #[arg(long, default_value = "1s")]
-        cancel_timeout: Timer,
-        /// Consecutive failures of that call that open its circuit breaker.
-        #[arg(long, default_value_t = 5)]
-        breaker_failures: u32,
-        /// How long the breaker stays open before a probe (doubles per failed probe).
-        #[arg(long, default_value = "5s")]
-        breaker_open: Timer,
-        /// Requests the gateway proxies at once; beyond that it sheds with 503.
-        #[arg(long, default_value_t = 2048)]
-        max_in_flight: usize,
+        processes: bool,
+        #[command(flatten)]
+        tuning: Tuning,
+    },
+    /// Run one service (order, cook, delivery, mypage) or the gateway as
+    /// this process.
+    Serve {
+        /// order, cook, delivery, mypage or gateway.
+        service: String,
+        /// Port to listen on (0 picks a free one; printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// The kitchen (for order) or upstreams (for the gateway).
+        #[arg(long)]
+        cook_url: Option<String>,
+        #[arg(long)]
+        order_url: Option<String>,
+        #[arg(long)]
+        delivery_url: Option<String>,
+        #[arg(long)]
+        mypage_url: Option<String>,
+        /// Seed the demo menu if the kitchen has none (cook).
+        #[arg(long)]
+        seed_demo_menu: bool,
+        #[command(flatten)]
+        tuning: Tuning,
     },
     /// List or replay events a service parked as dead letters.
     DeadLetters {
@@ -67,6 +123,21 @@ enum Command {
     },
 }
 
+fn print_banner(url: &str) {
+    println!("restaurant is up at {url}");
+    println!("  try: curl -s {url}/menus?restaurantId=seoul-kitchen");
+    println!(
+        "       curl -s -X POST {url}/orders -H 'content-type: application/json' \\\n         \
+         -d '{{\"customerId\":\"alice\",\"restaurantId\":\"seoul-kitchen\",\
+         \"items\":[{{\"menuId\":\"bibimbap\",\"qty\":1}}],\"address\":\"1 Jongno, Seoul\"}}'"
+    );
+    println!("  stop with Ctrl-C");
+}
+
+fn required(v: Option<String>, flag: &str) -> anyhow::Result<String> {
+    v.with_context(|| format!("--{flag} is required"))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -74,40 +145,86 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up {
             port,
-            data_dir,
-            cook_time,
-            delivery_time,
-            no_fsync,
-            cancel_timeout,
-            breaker_failures,
-            breaker_open,
-            max_in_flight,
+            processes: false,
+            tuning,
         } => {
-            let mut cfg = UpConfig::new(data_dir);
-            cfg.port = port;
-            cfg.cook_time = cook_time.0;
-            cfg.delivery_time = delivery_time.0;
-            cfg.fsync = !no_fsync;
-            cfg.cancel_timeout = cancel_timeout.0.unwrap_or(Duration::from_secs(1));
-            cfg.cancel_breaker.failure_threshold = breaker_failures.max(1);
-            if let Some(open) = breaker_open.0 {
-                cfg.cancel_breaker.open_for = open;
-            }
-            cfg.max_in_flight = max_in_flight;
-            let system = System::start(cfg).await?;
-            let url = &system.gateway_url;
-            println!("restaurant is up at {url}");
-            println!("  try: curl -s {url}/menus?restaurantId=seoul-kitchen");
-            println!(
-                "       curl -s -X POST {url}/orders -H 'content-type: application/json' \\\n         \
-                 -d '{{\"customerId\":\"alice\",\"restaurantId\":\"seoul-kitchen\",\
-                 \"items\":[{{\"menuId\":\"bibimbap\",\"qty\":1}}],\"address\":\"1 Jongno, Seoul\"}}'"
-            );
-            println!("  stop with Ctrl-C");
+            let system = System::start(tuning.config(port)).await?;
+            print_banner(&system.gateway_url);
             restaurant_platform::shutdown::os_signal().await;
             eprintln!("shutting down: draining in-flight work…");
             system.stop().await;
             eprintln!("stopped cleanly");
+            Ok(())
+        }
+        Command::Up {
+            port,
+            processes: true,
+            tuning,
+        } => {
+            let shutdown = Shutdown::new();
+            let signal = shutdown.clone();
+            tokio::spawn(async move {
+                restaurant_platform::shutdown::os_signal().await;
+                eprintln!("shutting down: stopping every process…");
+                signal.trigger();
+            });
+            restaurant::supervisor::run(tuning.config(port), shutdown, |url, file| {
+                print_banner(url);
+                println!("  processes: {}", file.display());
+            })
+            .await?;
+            eprintln!("stopped cleanly");
+            Ok(())
+        }
+        Command::Serve {
+            service,
+            port,
+            cook_url,
+            order_url,
+            delivery_url,
+            mypage_url,
+            seed_demo_menu,
+            tuning,
+        } => {
+            let mut cfg = tuning.config(port);
+            cfg.seed_demo_menu = seed_demo_menu;
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .with_context(|| format!("binding port {port}"))?;
+            let addr = listener.local_addr()?;
+            if service == "gateway" {
+                let upstreams = restaurant_gateway::Upstreams {
+                    order: required(order_url, "order-url")?,
+                    cook: required(cook_url, "cook-url")?,
+                    delivery: required(delivery_url, "delivery-url")?,
+                    mypage: required(mypage_url, "mypage-url")?,
+                };
+                let config = restaurant_gateway::Config {
+                    max_in_flight: cfg.max_in_flight,
+                    ..restaurant_gateway::Config::new(upstreams)
+                };
+                let gateway = restaurant_gateway::start(listener, config, Shutdown::new())?;
+                println!("gateway listening on http://{addr}");
+                restaurant::supervisor::stop_requested().await;
+                gateway.stop().await;
+                return Ok(());
+            }
+            std::fs::create_dir_all(&cfg.data_dir)?;
+            // Services run apart share the event log file; they look for
+            // each other's appends often, since none can wake another.
+            let log = EventLog::open_shared(&cfg.data_dir.join("events.db"), cfg.fsync)
+                .await
+                .context("opening the event log")?;
+            let cook_url = cook_url.unwrap_or_default();
+            if service == "order" && cook_url.is_empty() {
+                anyhow::bail!("--cook-url is required for the order service");
+            }
+            let launcher = Launcher::new(cfg, Bus::Embedded(log.clone()), cook_url);
+            let running = launcher.launch(&service, listener).await?;
+            println!("{service} listening on http://{addr}");
+            restaurant::supervisor::stop_requested().await;
+            running.stop().await;
+            log.close().await;
             Ok(())
         }
         Command::DeadLetters {

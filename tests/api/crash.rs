@@ -166,7 +166,7 @@ async fn killing_the_system_mid_flow_loses_and_doubles_nothing() {
     app.stop().await;
 }
 
-async fn spawn_binary(dir: &std::path::Path) -> (tokio::process::Child, String) {
+async fn spawn_binary(dir: &std::path::Path, extra: &[&str]) -> (tokio::process::Child, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_restaurant"))
         .args([
             "up",
@@ -177,6 +177,7 @@ async fn spawn_binary(dir: &std::path::Path) -> (tokio::process::Child, String) 
             "--delivery-time",
             "20ms",
         ])
+        .args(extra)
         .arg("--data-dir")
         .arg(dir)
         .env("RUST_LOG", "warn")
@@ -204,7 +205,7 @@ async fn spawn_binary(dir: &std::path::Path) -> (tokio::process::Child, String) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_of_the_real_process_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url) = spawn_binary(dir.path()).await;
+    let (mut child, url) = spawn_binary(dir.path(), &[]).await;
     let app = TestApp::attach(&url);
     let r = restaurant();
     for (m, s) in MENU {
@@ -218,7 +219,7 @@ async fn kill_dash_nine_of_the_real_process_loses_and_doubles_nothing() {
     stop.store(true, Ordering::Relaxed);
     let acked = load.await.unwrap();
 
-    let (mut child, url) = spawn_binary(dir.path()).await;
+    let (mut child, url) = spawn_binary(dir.path(), &[]).await;
     let app = TestApp::attach(&url);
     assert_nothing_lost_nothing_doubled(&app, &r, &acked).await;
     child.start_kill().unwrap();
@@ -242,4 +243,108 @@ async fn a_graceful_restart_keeps_due_timers_and_pending_work() {
     app.wait_status(&id, "DELIVERED").await;
     assert_eq!(app.stock(&r, "plenty").await, 9);
     app.stop().await;
+}
+
+fn pid_of(dir: &std::path::Path, name: &str) -> Option<u32> {
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("processes.json")).ok()?).ok()?;
+    file["processes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)?["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+}
+
+fn restarts_of(dir: &std::path::Path, name: &str) -> u64 {
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("processes.json")).unwrap()).unwrap();
+    file["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap()["restarts"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_process_killed_in_turn_under_load_is_restarted_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut supervisor, url) = spawn_binary(dir.path(), &["--processes"]).await;
+    let app = TestApp::attach(&url);
+    let r = restaurant();
+    for (m, s) in MENU {
+        app.set_menu(&r, m, *s).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(url.clone(), r.clone(), 6, stop.clone());
+    for name in ["cook", "order", "delivery", "mypage"] {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let pid = pid_of(dir.path(), name).expect("running");
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        // The supervisor notices and starts it again.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while pid_of(dir.path(), name).is_none_or(|p| p == pid) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} was not restarted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(restarts_of(dir.path(), name) >= 1);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert_nothing_lost_nothing_doubled(&app, &r, &acked).await;
+    // A graceful stop takes every child down with it.
+    let pids: Vec<u32> = ["cook", "order", "delivery", "mypage", "gateway"]
+        .iter()
+        .filter_map(|n| pid_of(dir.path(), n))
+        .collect();
+    let sup = supervisor.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &sup])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(PATIENCE, supervisor.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{pid} still runs"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_of_a_killed_supervisor_stop_by_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut supervisor, _url) = spawn_binary(dir.path(), &["--processes"]).await;
+    let pids: Vec<u32> = ["cook", "order", "delivery", "mypage", "gateway"]
+        .iter()
+        .map(|n| pid_of(dir.path(), n).unwrap())
+        .collect();
+    supervisor.start_kill().unwrap(); // SIGKILL: no chance to stop them
+    supervisor.wait().await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for pid in pids {
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "orphan {pid} still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

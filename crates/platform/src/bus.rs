@@ -95,10 +95,25 @@ impl Subscription {
 pub struct EventLog {
     db: Db,
     last_seq: Arc<watch::Sender<i64>>,
+    /// How often an idle subscription looks for new events by itself. Appends
+    /// in this process wake subscribers at once; appends by other processes
+    /// sharing the file (services run apart with `restaurant serve`) can only
+    /// be seen by looking, so there this is short.
+    poll: Duration,
 }
 
 impl EventLog {
+    /// Opens the log for use by one process.
     pub async fn open(path: &Path, fsync: bool) -> anyhow::Result<EventLog> {
+        Self::open_with_poll(path, fsync, Duration::from_secs(1)).await
+    }
+
+    /// Opens a log that other processes append to as well.
+    pub async fn open_shared(path: &Path, fsync: bool) -> anyhow::Result<EventLog> {
+        Self::open_with_poll(path, fsync, Duration::from_millis(20)).await
+    }
+
+    async fn open_with_poll(path: &Path, fsync: bool, poll: Duration) -> anyhow::Result<EventLog> {
         let url = format!("sqlite://{}", path.display());
         let opts = DbOptions {
             fsync,
@@ -114,6 +129,7 @@ impl EventLog {
         Ok(EventLog {
             db,
             last_seq: Arc::new(watch::Sender::new(last)),
+            poll,
         })
     }
 
@@ -170,6 +186,7 @@ impl EventLog {
             position: position.unwrap_or(0),
             acked: position.unwrap_or(0),
             wake: self.last_seq.subscribe(),
+            poll: self.poll,
         })
     }
 
@@ -205,6 +222,7 @@ pub struct LogSubscription {
     /// Last position durably acknowledged.
     acked: i64,
     wake: watch::Receiver<i64>,
+    poll: Duration,
 }
 
 impl LogSubscription {
@@ -212,7 +230,7 @@ impl LogSubscription {
         if *self.wake.borrow_and_update() <= self.position {
             // Nothing new as far as we know: sleep until an append or the
             // timeout (the timeout also covers appends by another process).
-            let _ = tokio::time::timeout(wait, self.wake.changed()).await;
+            let _ = tokio::time::timeout(wait.min(self.poll), self.wake.changed()).await;
         }
         // Read the head before querying: every event up to it is committed,
         // so if the query finds none of ours, none of ours is at or below it.

@@ -175,8 +175,15 @@ impl Db {
         self.backend
     }
 
+    /// Begins a write transaction. On SQLite it takes the write lock up
+    /// front (`BEGIN IMMEDIATE`): a transaction that reads and then writes
+    /// would otherwise fail with `SQLITE_BUSY` instead of waiting when
+    /// another process (a CLI, a service sharing the event log) writes.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        self.write.begin().await
+        match self.backend {
+            Backend::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.write.begin().await,
+        }
     }
 
     /// The pool for reads that need no transaction.
