@@ -14,7 +14,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use restaurant_platform::{
     breaker::BreakerConfig,
-    bus::{Bus, EventLog},
+    bus::{Bus, EventLog, NatsBus},
     db::{Db, DbOptions, Migrations},
     service::{RunningService, ServiceContext},
     shutdown::Shutdown,
@@ -29,6 +29,10 @@ pub struct UpConfig {
     pub data_dir: PathBuf,
     /// A database URL (PostgreSQL) instead of SQLite files in `data_dir`.
     pub database_url: Option<String>,
+    /// NATS JetStream instead of the embedded event log.
+    pub nats_url: Option<String>,
+    /// The JetStream stream's name (a fresh one isolates a test run).
+    pub stream: String,
     /// Automatic completion of cooking / delivery; `None` = only by endpoint.
     pub cook_time: Option<Duration>,
     pub delivery_time: Option<Duration>,
@@ -50,6 +54,8 @@ impl UpConfig {
             port: 8080,
             data_dir: data_dir.into(),
             database_url: None,
+            nats_url: None,
+            stream: "restaurant".into(),
             cook_time: Some(Duration::from_secs(3)),
             delivery_time: Some(Duration::from_secs(5)),
             fsync: true,
@@ -67,7 +73,8 @@ pub struct System {
     gateway: restaurant_gateway::RunningGateway,
     services: Vec<Slot>,
     launcher: Launcher,
-    log: EventLog,
+    /// The embedded log, when the bus is not NATS.
+    log: Option<EventLog>,
 }
 
 /// One service's place in the system: its address stays fixed across
@@ -103,7 +110,7 @@ async fn open_db(cfg: &UpConfig, name: &str, m: Migrations) -> anyhow::Result<Db
         fsync: cfg.fsync,
         ..DbOptions::default()
     };
-    Db::connect(&url, &m, opts)
+    Db::connect_service(&url, name, &m, opts)
         .await
         .with_context(|| format!("opening the {name} database"))
 }
@@ -160,13 +167,28 @@ impl Launcher {
     }
 }
 
+/// The bus `cfg` asks for: NATS JetStream if it names a server, else the
+/// embedded log in the data directory (returned too, to close it).
+pub async fn open_bus(cfg: &UpConfig) -> anyhow::Result<(Bus, Option<EventLog>)> {
+    match &cfg.nats_url {
+        Some(url) => {
+            let nats = NatsBus::connect(url, &cfg.stream).await?;
+            Ok((Bus::Nats(nats), None))
+        }
+        None => {
+            let log = EventLog::open(&cfg.data_dir.join("events.db"), cfg.fsync)
+                .await
+                .context("opening the event log")?;
+            Ok((Bus::Embedded(log.clone()), Some(log)))
+        }
+    }
+}
+
 impl System {
     pub async fn start(cfg: UpConfig) -> anyhow::Result<System> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-        let log = EventLog::open(&cfg.data_dir.join("events.db"), cfg.fsync)
-            .await
-            .context("opening the event log")?;
+        let (bus, log) = open_bus(&cfg).await?;
         // Every service gets its loopback port first, so each knows where
         // its peers are before any of them starts.
         let mut listeners = Vec::new();
@@ -190,7 +212,7 @@ impl System {
         };
         let launcher = Launcher {
             cook_url: upstreams.cook.clone(),
-            bus: Bus::Embedded(log.clone()),
+            bus,
             cfg: cfg.clone(),
         };
         let mut services = Vec::new();
@@ -263,7 +285,9 @@ impl System {
         for s in self.services.into_iter().filter_map(|s| s.running) {
             s.stop().await;
         }
-        self.log.close().await;
+        if let Some(log) = self.log {
+            log.close().await;
+        }
     }
 
     /// As if the process died: every task is cancelled wherever it is.
@@ -272,7 +296,9 @@ impl System {
         for s in self.services.into_iter().filter_map(|s| s.running) {
             s.kill().await;
         }
-        self.log.close().await;
+        if let Some(log) = self.log {
+            log.close().await;
+        }
     }
 }
 

@@ -14,6 +14,55 @@ pub struct TestApp {
     _dir: tempfile::TempDir,
 }
 
+/// The suite runs in both shapes: embedded (SQLite files and the embedded
+/// log, the default) and distributed (PostgreSQL and NATS JetStream), chosen
+/// by `RESTAURANT_TEST_SHAPE=distributed`. A distributed run gets a fresh
+/// database and a fresh stream per test, dropped when the test stops.
+pub fn distributed() -> bool {
+    std::env::var("RESTAURANT_TEST_SHAPE").as_deref() == Ok("distributed")
+}
+
+fn database_admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+async fn admin_execute(sql: String) {
+    use sqlx::{Connection, Executor};
+    sqlx::any::install_default_drivers();
+    let mut admin = sqlx::AnyConnection::connect(&database_admin_url())
+        .await
+        .expect("PostgreSQL must be reachable at DATABASE_URL: run scripts/services.sh");
+    admin.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
+}
+
+/// A fresh database and stream for one distributed test.
+async fn distributed_backends(config: &mut UpConfig) {
+    let name = format!("rt_{}", restaurant_contract::new_id().replace('-', ""));
+    admin_execute(format!("CREATE DATABASE {name}")).await;
+    let base = database_admin_url();
+    let base = base.rsplit_once('/').unwrap().0;
+    config.database_url = Some(format!("{base}/{name}"));
+    config.nats_url = Some(nats_url());
+    config.stream = name;
+}
+
+async fn drop_distributed_backends(config: &UpConfig) {
+    if config.nats_url.is_none() {
+        return;
+    }
+    let _ = restaurant_platform::bus::delete_nats_stream(&nats_url(), &config.stream).await;
+    admin_execute(format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        config.stream
+    ))
+    .await;
+}
+
 impl TestApp {
     /// The system with cooking and delivery moved only by their endpoints.
     pub async fn spawn() -> TestApp {
@@ -28,6 +77,9 @@ impl TestApp {
         config.delivery_time = None;
         config.fsync = false;
         config.seed_demo_menu = false;
+        if distributed() {
+            distributed_backends(&mut config).await;
+        }
         tune(&mut config);
         let system = System::start(config.clone()).await.expect("system starts");
         TestApp {
@@ -79,6 +131,7 @@ impl TestApp {
         if let Some(s) = self.system.take() {
             s.stop().await;
         }
+        drop_distributed_backends(&self.config).await;
     }
 
     pub async fn set_menu(&self, restaurant: &str, menu: &str, stock: i64) {

@@ -8,8 +8,11 @@ CREATE TABLE menus (
     PRIMARY KEY (restaurant_id, menu_id)
 );
 
--- One cook ticket per order (the UNIQUE order_id is what makes taking an
--- order idempotent). `complete_at` is the durable timer for automatic
+-- One cook ticket per order. The UNIQUE order_id is what makes taking an
+-- order idempotent, and what serialises "take the order" against "cancel
+-- it" when the cancel comes first: the cancel writes a CANCELLED ticket
+-- (items '[]' until the order arrives) and the order, arriving later, finds
+-- the ticket taken. `complete_at` is the durable timer for automatic
 -- completion: NULL when cooking is completed by hand.
 CREATE TABLE cooks (
     id             TEXT   PRIMARY KEY,
@@ -24,10 +27,3 @@ CREATE TABLE cooks (
     updated_at     BIGINT NOT NULL
 );
 CREATE INDEX cooks_due ON cooks (status, complete_at);
-
--- Orders cancelled before their OrderPlaced reached the kitchen: when it
--- does arrive, nothing is reserved.
-CREATE TABLE cancelled_orders (
-    order_id      TEXT   PRIMARY KEY,
-    cancelled_at  BIGINT NOT NULL
-);

@@ -24,7 +24,8 @@ async fn emit(tx: &mut Tx, order_id: &str, event: Event, cause: &Cause) -> Resul
 }
 
 /// An order arrived: reserve every line or none, and open a ticket that
-/// says which.
+/// says which. The ticket is written first: if the order already has one
+/// (a redelivery, or a cancel that came first), nothing else happens.
 pub async fn take_order(
     app: &App,
     tx: &mut Tx,
@@ -32,12 +33,6 @@ pub async fn take_order(
     order: &OrderPlaced,
     cause: &Cause,
 ) -> Result<(), sqlx::Error> {
-    if store::ticket_for_update(&app.ctx.db, tx, TicketKey::OrderId, order_id)
-        .await?
-        .is_some()
-    {
-        return Ok(());
-    }
     let now = now_ms();
     let mut ticket = Ticket {
         id: new_id(),
@@ -47,22 +42,16 @@ pub async fn take_order(
         address: order.address.clone(),
         status: CookStatus::Cooking,
         reason: None,
-        complete_at: None,
+        complete_at: app.cook_time.map(|d| now + d.as_millis() as i64),
         created_at: now,
         updated_at: now,
     };
-    if store::is_tombstoned(tx, order_id).await? {
-        // The customer cancelled before we saw the order; CookCancelled went
-        // out then. Keep a ticket so the history is complete.
-        ticket.status = CookStatus::Cancelled;
-        ticket.reason = Some("cancelled before cooking started".into());
-        return store::insert_ticket(tx, &ticket).await;
+    if !store::insert_ticket(tx, &ticket).await? {
+        return store::fill_placeholder(tx, &ticket).await;
     }
     let plan = reservation_plan(&order.items);
     match store::reserve(tx, &order.restaurant_id, &plan).await? {
         Ok(()) => {
-            ticket.complete_at = app.cook_time.map(|d| now + d.as_millis() as i64);
-            store::insert_ticket(tx, &ticket).await?;
             let checked = StockChecked {
                 cook_id: ticket.id.clone(),
                 in_stock: true,
@@ -80,7 +69,8 @@ pub async fn take_order(
             let reason = shortage_reason(&shortages);
             ticket.status = CookStatus::Rejected;
             ticket.reason = Some(reason.clone());
-            store::insert_ticket(tx, &ticket).await?;
+            ticket.complete_at = None;
+            store::update_ticket(tx, &ticket).await?;
             let checked = StockChecked {
                 cook_id: ticket.id.clone(),
                 in_stock: false,
@@ -110,21 +100,41 @@ pub async fn cancel_order(
     order_id: &str,
     cause: &Cause,
 ) -> Result<Cancellation, sqlx::Error> {
-    let ticket = store::ticket_for_update(&app.ctx.db, tx, TicketKey::OrderId, order_id).await?;
-    let Some(mut ticket) = ticket else {
-        // Not seen yet: remember, so the order is refused on arrival.
-        if store::tombstone(tx, order_id).await? {
+    let mut ticket =
+        store::ticket_for_update(&app.ctx.db, tx, TicketKey::OrderId, order_id).await?;
+    if ticket.is_none() {
+        // Not seen yet: a CANCELLED ticket now, so the order finds its place
+        // taken when it arrives and reserves nothing.
+        let now = now_ms();
+        let placeholder = Ticket {
+            id: new_id(),
+            order_id: order_id.to_owned(),
+            restaurant_id: String::new(),
+            items: vec![],
+            address: String::new(),
+            status: CookStatus::Cancelled,
+            reason: Some("cancelled before cooking started".into()),
+            complete_at: None,
+            created_at: now,
+            updated_at: now,
+        };
+        if store::insert_ticket(tx, &placeholder).await? {
             let ev = Event::CookCancelled(CookCancelled {
-                cook_id: None,
+                cook_id: Some(placeholder.id.clone()),
                 reason: CANCEL_REASON.into(),
             });
             emit(tx, order_id, ev, cause).await?;
+            return Ok(Cancellation {
+                outcome: CancelOutcome::Cancel,
+                cook_id: Some(placeholder.id),
+                reason: CANCEL_REASON.into(),
+            });
         }
-        return Ok(Cancellation {
-            outcome: CancelOutcome::Cancel,
-            cook_id: None,
-            reason: CANCEL_REASON.into(),
-        });
+        // The order arrived meanwhile and took the place: cancel its ticket.
+        ticket = store::ticket_for_update(&app.ctx.db, tx, TicketKey::OrderId, order_id).await?;
+    }
+    let Some(mut ticket) = ticket else {
+        return Err(sqlx::Error::RowNotFound);
     };
     let outcome = cancel_outcome(ticket.status);
     let reason = match outcome {

@@ -172,10 +172,14 @@ fn ticket_from_row(r: &AnyRow) -> Result<Ticket, sqlx::Error> {
     })
 }
 
-pub async fn insert_ticket(tx: &mut Tx, t: &Ticket) -> Result<(), sqlx::Error> {
-    sqlx::query(
+/// Inserts a ticket unless the order already has one; `true` if inserted.
+/// Concurrent inserts for one order wait for each other (unique index), so
+/// exactly one wins whatever the interleaving.
+pub async fn insert_ticket(tx: &mut Tx, t: &Ticket) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
         "INSERT INTO cooks (id, order_id, restaurant_id, items, address, status, reason, \
-         complete_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         complete_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(&t.id)
     .bind(&t.order_id)
@@ -187,6 +191,22 @@ pub async fn insert_ticket(tx: &mut Tx, t: &Ticket) -> Result<(), sqlx::Error> {
     .bind(t.complete_at)
     .bind(t.created_at)
     .bind(t.updated_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Completes a ticket written by a cancel that came before the order: the
+/// order's lines go in, for the record.
+pub async fn fill_placeholder(tx: &mut Tx, t: &Ticket) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE cooks SET restaurant_id = $2, items = $3, address = $4 \
+         WHERE order_id = $1 AND items = '[]'",
+    )
+    .bind(&t.order_id)
+    .bind(&t.restaurant_id)
+    .bind(serde_json::to_string(&t.items).expect("serializes"))
+    .bind(&t.address)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -247,31 +267,6 @@ pub async fn ticket(db: &Db, key: TicketKey, value: &str) -> Result<Option<Ticke
     .await?
     .map(|r| ticket_from_row(&r))
     .transpose()
-}
-
-/// Records that `order_id` was cancelled before its ticket existed; `true`
-/// if this is the first such record.
-pub async fn tombstone(tx: &mut Tx, order_id: &str) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query(
-        "INSERT INTO cancelled_orders (order_id, cancelled_at) VALUES ($1, $2) \
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(now_ms())
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
-        == 1)
-}
-
-pub async fn is_tombstoned(tx: &mut Tx, order_id: &str) -> Result<bool, sqlx::Error> {
-    Ok(
-        sqlx::query("SELECT 1 FROM cancelled_orders WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(&mut **tx)
-            .await?
-            .is_some(),
-    )
 }
 
 /// Tickets whose automatic completion is due at `now`.

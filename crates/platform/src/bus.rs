@@ -1,6 +1,7 @@
 //! The event bus. One enum, one variant per transport, so that the services
 //! and the consumer loop are written once: [`EventLog`] is the embedded
-//! durable log used by `restaurant up` (a SQLite file, no server).
+//! durable log used by `restaurant up` (a SQLite file, no server);
+//! [`NatsBus`] is NATS JetStream, for services run apart and replicated.
 //!
 //! Semantics every variant keeps: publishing is idempotent on the event id;
 //! delivery is at-least-once and in publish order per subscription; a
@@ -24,23 +25,28 @@ pub struct OutgoingEvent {
 }
 
 /// One message handed to a consumer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Delivery {
     pub payload: String,
-    /// Where this message sits in the subscription; acknowledging it
-    /// acknowledges everything before it too.
+    /// Where this message sits in the log (embedded) or stream (JetStream).
     pub position: i64,
+    /// How many times it has been delivered, this time included.
+    pub attempt: i64,
+    /// The JetStream message, to acknowledge it.
+    message: Option<async_nats::jetstream::Message>,
 }
 
 #[derive(Clone, Debug)]
 pub enum Bus {
     Embedded(EventLog),
+    Nats(NatsBus),
 }
 
 impl Bus {
     pub async fn publish(&self, batch: &[OutgoingEvent]) -> anyhow::Result<()> {
         match self {
             Bus::Embedded(log) => log.append(batch).await,
+            Bus::Nats(nats) => nats.publish(batch).await,
         }
     }
 
@@ -54,18 +60,21 @@ impl Bus {
             Bus::Embedded(log) => Ok(Subscription::Embedded(
                 log.subscribe(consumer, types).await?,
             )),
+            Bus::Nats(nats) => Ok(Subscription::Nats(nats.subscribe(consumer, types).await?)),
         }
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {
         match self {
             Bus::Embedded(log) => Ok(log.db.ping().await?),
+            Bus::Nats(nats) => nats.ping().await,
         }
     }
 }
 
 pub enum Subscription {
     Embedded(LogSubscription),
+    Nats(NatsSubscription),
 }
 
 impl Subscription {
@@ -77,13 +86,27 @@ impl Subscription {
     ) -> anyhow::Result<Vec<Delivery>> {
         match self {
             Subscription::Embedded(s) => s.next_batch(max, wait).await,
+            Subscription::Nats(s) => s.next_batch(max, wait).await,
         }
     }
 
-    /// Durably acknowledges `d` and everything delivered before it.
-    pub async fn ack(&mut self, d: &Delivery) -> anyhow::Result<()> {
+    /// Acknowledges `handled`, a prefix of the last batch whose events were
+    /// all applied, found duplicate, ignored or parked.
+    pub async fn ack(&mut self, handled: &[Delivery]) -> anyhow::Result<()> {
         match self {
-            Subscription::Embedded(s) => s.ack(d.position).await,
+            // A log position acknowledges everything before it.
+            Subscription::Embedded(s) => match handled.last() {
+                Some(last) => s.ack(last.position).await,
+                None => Ok(()),
+            },
+            Subscription::Nats(_) => {
+                for d in handled {
+                    if let Some(m) = &d.message {
+                        m.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -203,6 +226,8 @@ impl EventLog {
                 Ok(Delivery {
                     position: r.try_get(0)?,
                     payload: r.try_get(1)?,
+                    attempt: 1,
+                    message: None,
                 })
             })
             .collect()
@@ -251,6 +276,8 @@ impl LogSubscription {
                 Ok(Delivery {
                     position: r.try_get(0)?,
                     payload: r.try_get(1)?,
+                    attempt: 1,
+                    message: None,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()?;
@@ -281,4 +308,203 @@ impl LogSubscription {
         self.acked = position;
         Ok(())
     }
+}
+
+/// NATS JetStream as the bus. One stream holds every event under
+/// `<stream>.events.<Type>`; file storage; a duplicate window makes publish
+/// idempotent on `Nats-Msg-Id` = event id, so a relay that republishes
+/// after a crash adds nothing. Each service is one durable pull consumer
+/// shared by all its replicas (competing consumers), acks explicitly, and is
+/// redelivered after `ack_wait` if a replica dies holding a message.
+#[derive(Clone, Debug)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    stream: String,
+}
+
+/// Deliveries after which an event is parked without trying it again: it
+/// has been handed out this often only if the process handling it died
+/// each time (a poison that crashes, not one that fails).
+pub const MAX_DELIVERIES: i64 = 5;
+
+impl NatsBus {
+    pub async fn connect(url: &str, stream: &str) -> anyhow::Result<NatsBus> {
+        use async_nats::jetstream::stream::{Config, StorageType};
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to NATS at {url}: {e}"))?;
+        let js = async_nats::jetstream::new(client.clone());
+        js.get_or_create_stream(Config {
+            name: stream.to_owned(),
+            subjects: vec![format!("{stream}.events.>")],
+            storage: StorageType::File,
+            // Longer than any relay retry: a republished event within it is
+            // dropped by the server.
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating stream {stream}: {e}"))?;
+        Ok(NatsBus {
+            client,
+            js,
+            stream: stream.to_owned(),
+        })
+    }
+
+    async fn publish(&self, batch: &[OutgoingEvent]) -> anyhow::Result<()> {
+        use async_nats::jetstream::message::PublishMessage as Publish;
+        // Pipelined: send the whole batch, then wait for every ack.
+        let mut acks = Vec::with_capacity(batch.len());
+        for e in batch {
+            let msg = Publish::build()
+                .payload(e.payload.clone().into())
+                .message_id(&e.event_id);
+            let subject = format!("{}.events.{}", self.stream, e.event_type);
+            let ack = self
+                .js
+                .send_publish(subject, msg)
+                .await
+                .map_err(|err| anyhow::anyhow!("publish {}: {err}", e.event_id))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        consumer: &str,
+        types: &'static [&'static str],
+    ) -> anyhow::Result<NatsSubscription> {
+        use async_nats::jetstream::consumer::{AckPolicy, pull::Config};
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.stream))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                consumer,
+                Config {
+                    durable_name: Some(consumer.to_owned()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    // The consumer parks poison itself; these bound what the
+                    // server does if processes keep dying mid-message.
+                    max_deliver: MAX_DELIVERIES + 5,
+                    backoff: vec![Duration::from_secs(1), Duration::from_secs(5)],
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("consumer {consumer}: {e}"))?;
+        Ok(NatsSubscription {
+            consumer,
+            messages: None,
+            prefix: format!("{}.events.", self.stream),
+            types,
+        })
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        use async_nats::connection::State;
+        match self.client.connection_state() {
+            State::Connected => Ok(()),
+            state => anyhow::bail!("NATS connection is {state:?}"),
+        }
+    }
+}
+
+pub struct NatsSubscription {
+    consumer:
+        async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
+    /// A continuous pull: the server pushes messages as they arrive, in
+    /// batches, so a quiet consumer costs nothing and a busy one gets many
+    /// at once. Rebuilt after an error (e.g. the server restarted).
+    messages: Option<async_nats::jetstream::consumer::pull::Stream>,
+    prefix: String,
+    types: &'static [&'static str],
+}
+
+impl NatsSubscription {
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> anyhow::Result<Vec<Delivery>> {
+        use futures_util::{FutureExt, StreamExt};
+        if self.messages.is_none() {
+            let stream = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(max)
+                .messages()
+                .await
+                .map_err(|e| anyhow::anyhow!("pull: {e}"))?;
+            self.messages = Some(stream);
+        }
+        let stream = self.messages.as_mut().expect("just set");
+        let mut raw = Vec::new();
+        match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(Some(Ok(m))) => raw.push(m),
+            Ok(Some(Err(e))) => {
+                self.messages = None;
+                anyhow::bail!("pull: {e}");
+            }
+            Ok(None) => {
+                self.messages = None;
+                anyhow::bail!("pull ended");
+            }
+        }
+        // Take whatever else is already here, without waiting.
+        while raw.len() < max {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(m))) => raw.push(m),
+                _ => break,
+            }
+        }
+        let mut out = Vec::with_capacity(raw.len());
+        for m in raw {
+            let wanted = m
+                .subject
+                .as_str()
+                .strip_prefix(self.prefix.as_str())
+                .is_some_and(|t| self.types.contains(&t));
+            if !wanted {
+                // Not ours (a server older than 2.10 cannot filter a consumer
+                // on several subjects): done with it at once.
+                m.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+                continue;
+            }
+            let (position, attempt) = m
+                .info()
+                .map(|i| (i.stream_sequence as i64, i.delivered))
+                .unwrap_or((0, 1));
+            out.push(Delivery {
+                payload: String::from_utf8_lossy(&m.payload).into_owned(),
+                position,
+                attempt,
+                message: Some(m),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Deletes a stream (test runs clean up after themselves).
+pub async fn delete_nats_stream(url: &str, stream: &str) -> anyhow::Result<()> {
+    let client = async_nats::connect(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to NATS at {url}: {e}"))?;
+    async_nats::jetstream::new(client)
+        .delete_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("deleting stream {stream}: {e}"))?;
+    Ok(())
 }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use crate::{
-    bus::{Bus, Delivery},
+    bus::{Bus, MAX_DELIVERIES},
     db::{Db, Tx},
     outbox::OutboxSignal,
     shutdown::Shutdown,
@@ -159,16 +159,22 @@ impl<H: Handler> Consumer<H> {
                     continue;
                 }
             };
-            let mut done: Option<&Delivery> = None;
+            let mut done = 0;
             for d in &batch {
-                if self.offer(&d.payload, &shutdown).await.is_none() {
+                let outcome = if d.attempt > MAX_DELIVERIES {
+                    // Handed out this often only if the process died handling
+                    // it each time: a poison that crashes. Park, don't retry.
+                    let why = format!("delivered {} times without being acknowledged", d.attempt);
+                    Some(self.park_raw(&d.payload, &why, d.attempt as u32).await)
+                } else {
+                    self.offer(&d.payload, &shutdown).await
+                };
+                if outcome.is_none() {
                     break; // shutting down mid-retry: leave the rest unacked
                 }
-                done = Some(d);
+                done += 1;
             }
-            if let Some(last) = done
-                && let Err(e) = sub.ack(last).await
-            {
+            if let Err(e) = sub.ack(&batch[..done]).await {
                 // Harmless: the events are applied; a redelivery is a duplicate.
                 tracing::warn!(consumer = %self.name, error = %e, "ack failed");
             }
@@ -213,8 +219,25 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// One attempt: dedup record + effect in one transaction.
+    async fn park_raw(&self, payload: &str, error: &str, attempts: u32) -> Outcome {
+        let env = Envelope::from_json(payload.as_bytes()).ok();
+        self.park(payload, env.as_ref(), error, attempts).await
+    }
+
+    /// One attempt: dedup record + effect in one transaction. A panicking
+    /// handler is a permanent failure of this event, not of the consumer.
     async fn apply(&self, env: &Envelope, event: Event) -> Result<Outcome, HandleError> {
+        use futures_util::FutureExt;
+        match std::panic::AssertUnwindSafe(self.apply_inner(env, event))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(HandleError::Permanent("the handler panicked".into())),
+        }
+    }
+
+    async fn apply_inner(&self, env: &Envelope, event: Event) -> Result<Outcome, HandleError> {
         let mut tx = self.db.begin().await?;
         let fresh = sqlx::query(
             "INSERT INTO processed_events (consumer, event_id, processed_at) VALUES ($1, $2, $3) \

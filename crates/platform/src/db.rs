@@ -90,6 +90,57 @@ impl Db {
         Ok(db)
     }
 
+    /// Opens a service's database. On PostgreSQL every service gets its own
+    /// schema (`<service>_svc`) in the one database `url` names — separate
+    /// tables, one server to run — created if missing; on SQLite `url` is
+    /// already the service's own file.
+    pub async fn connect_service(
+        url: &str,
+        service: &str,
+        migrations: &Migrations,
+        opts: DbOptions,
+    ) -> Result<Db, sqlx::Error> {
+        if !(url.starts_with("postgres:") || url.starts_with("postgresql:")) {
+            return Self::connect(url, migrations, opts).await;
+        }
+        sqlx::any::install_default_drivers();
+        let schema = format!("{service}_svc");
+        if !schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(sqlx::Error::Configuration(
+                format!("bad service name {service:?}").into(),
+            ));
+        }
+        {
+            use sqlx::Connection;
+            let mut admin = sqlx::AnyConnection::connect(url).await?;
+            // Replicas starting together may race to create it; losing
+            // the race is fine as long as it exists afterwards.
+            let created = admin
+                .execute(AssertSqlSafe(format!(
+                    "CREATE SCHEMA IF NOT EXISTS {schema}"
+                )))
+                .await;
+            if let Err(e) = created {
+                let exists: Option<i64> = sqlx::query_scalar(
+                    "SELECT 1::BIGINT FROM information_schema.schemata WHERE schema_name = $1",
+                )
+                .bind(&schema)
+                .fetch_optional(&mut admin)
+                .await?;
+                if exists.is_none() {
+                    return Err(e);
+                }
+            }
+            admin.close().await?;
+        }
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{sep}options[search_path]={schema}");
+        Self::connect(&url, migrations, opts).await
+    }
+
     /// Opens the database without migrating it.
     pub async fn open(url: &str, opts: DbOptions) -> Result<Db, sqlx::Error> {
         sqlx::any::install_default_drivers();
