@@ -39,7 +39,7 @@ pub struct Delivery {
 #[derive(Clone, Debug)]
 pub enum Bus {
     Embedded(EventLog),
-    Nats(NatsBus),
+    Nats(Box<NatsBus>),
 }
 
 impl Bus {
@@ -60,7 +60,9 @@ impl Bus {
             Bus::Embedded(log) => Ok(Subscription::Embedded(
                 log.subscribe(consumer, types).await?,
             )),
-            Bus::Nats(nats) => Ok(Subscription::Nats(nats.subscribe(consumer, types).await?)),
+            Bus::Nats(nats) => Ok(Subscription::Nats(Box::new(
+                nats.subscribe(consumer, types).await?,
+            ))),
         }
     }
 
@@ -74,7 +76,7 @@ impl Bus {
 
 pub enum Subscription {
     Embedded(LogSubscription),
-    Nats(NatsSubscription),
+    Nats(Box<NatsSubscription>),
 }
 
 impl Subscription {

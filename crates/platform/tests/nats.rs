@@ -30,11 +30,9 @@ fn event(kind: &str) -> OutgoingEvent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_is_idempotent_and_consumers_resume_where_they_acked() {
     let stream = format!("rt_{}", new_id().replace('-', ""));
-    let bus = Bus::Nats(
-        NatsBus::connect(&url(), &stream)
-            .await
-            .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh"),
-    );
+    let bus = Bus::Nats(Box::new(NatsBus::connect(&url(), &stream).await.expect(
+        "NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh",
+    )));
     bus.ping().await.unwrap();
     let (a, b, other) = (
         event("OrderRejected"),
