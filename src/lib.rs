@@ -33,6 +33,8 @@ pub struct UpConfig {
     pub nats_url: Option<String>,
     /// The JetStream stream's name (a fresh one isolates a test run).
     pub stream: String,
+    /// Replicas of each service (process mode with NATS only).
+    pub replicas: usize,
     /// Automatic completion of cooking / delivery; `None` = only by endpoint.
     pub cook_time: Option<Duration>,
     pub delivery_time: Option<Duration>,
@@ -56,6 +58,7 @@ impl UpConfig {
             database_url: None,
             nats_url: None,
             stream: "restaurant".into(),
+            replicas: 1,
             cook_time: Some(Duration::from_secs(3)),
             delivery_time: Some(Duration::from_secs(5)),
             fsync: true,
@@ -204,14 +207,14 @@ impl System {
                 .map(|(.., url)| url.clone())
                 .expect("every service has a listener")
         };
-        let upstreams = restaurant_gateway::Upstreams {
-            order: url_of("order"),
-            cook: url_of("cook"),
-            delivery: url_of("delivery"),
-            mypage: url_of("mypage"),
-        };
+        let upstreams = restaurant_gateway::Upstreams::single(
+            url_of("order"),
+            url_of("cook"),
+            url_of("delivery"),
+            url_of("mypage"),
+        );
         let launcher = Launcher {
-            cook_url: upstreams.cook.clone(),
+            cook_url: url_of("cook"),
             bus,
             cfg: cfg.clone(),
         };

@@ -83,6 +83,19 @@ enum Command {
         /// process (restarted if it dies); pids in <data-dir>/processes.json.
         #[arg(long)]
         processes: bool,
+        /// PostgreSQL for storage (a schema per service) instead of SQLite files.
+        #[arg(long)]
+        database_url: Option<String>,
+        /// NATS JetStream as the event bus instead of the embedded log.
+        #[arg(long)]
+        nats_url: Option<String>,
+        /// The JetStream stream's name.
+        #[arg(long, default_value = "restaurant")]
+        stream: String,
+        /// Replicas of each service (implies --processes; needs --nats-url,
+        /// whose consumers the replicas share).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
         #[command(flatten)]
         tuning: Tuning,
     },
@@ -94,18 +107,29 @@ enum Command {
         /// Port to listen on (0 picks a free one; printed).
         #[arg(long, default_value_t = 0)]
         port: u16,
-        /// The kitchen (for order) or upstreams (for the gateway).
-        #[arg(long)]
-        cook_url: Option<String>,
-        #[arg(long)]
-        order_url: Option<String>,
-        #[arg(long)]
-        delivery_url: Option<String>,
-        #[arg(long)]
-        mypage_url: Option<String>,
+        /// The kitchen (for order) or upstreams (for the gateway); a
+        /// comma-separated list for several replicas.
+        #[arg(long, value_delimiter = ',')]
+        cook_url: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        order_url: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        delivery_url: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        mypage_url: Vec<String>,
         /// Seed the demo menu if the kitchen has none (cook).
         #[arg(long)]
         seed_demo_menu: bool,
+        /// PostgreSQL for storage (a schema per service) instead of a
+        /// SQLite file in the data directory.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// NATS JetStream as the event bus instead of the shared embedded log.
+        #[arg(long, env = "NATS_URL")]
+        nats_url: Option<String>,
+        /// The JetStream stream's name.
+        #[arg(long, default_value = "restaurant")]
+        stream: String,
         #[command(flatten)]
         tuning: Tuning,
     },
@@ -134,8 +158,9 @@ fn print_banner(url: &str) {
     println!("  stop with Ctrl-C");
 }
 
-fn required(v: Option<String>, flag: &str) -> anyhow::Result<String> {
-    v.with_context(|| format!("--{flag} is required"))
+fn required(v: Vec<String>, flag: &str) -> anyhow::Result<Vec<String>> {
+    anyhow::ensure!(!v.is_empty(), "--{flag} is required");
+    Ok(v)
 }
 
 #[tokio::main]
@@ -145,34 +170,44 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up {
             port,
-            processes: false,
+            processes,
+            database_url,
+            nats_url,
+            stream,
+            replicas,
             tuning,
         } => {
-            let system = System::start(tuning.config(port)).await?;
-            print_banner(&system.gateway_url);
-            restaurant_platform::shutdown::os_signal().await;
-            eprintln!("shutting down: draining in-flight work…");
-            system.stop().await;
-            eprintln!("stopped cleanly");
-            Ok(())
-        }
-        Command::Up {
-            port,
-            processes: true,
-            tuning,
-        } => {
-            let shutdown = Shutdown::new();
-            let signal = shutdown.clone();
-            tokio::spawn(async move {
+            let mut cfg = tuning.config(port);
+            cfg.database_url = database_url;
+            cfg.nats_url = nats_url;
+            cfg.stream = stream;
+            cfg.replicas = replicas.max(1);
+            if cfg.replicas > 1 && cfg.nats_url.is_none() {
+                anyhow::bail!(
+                    "--replicas needs --nats-url: replicas share the bus's consumers; \
+                     the embedded log serves one process per service"
+                );
+            }
+            if processes || cfg.replicas > 1 {
+                let shutdown = Shutdown::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    restaurant_platform::shutdown::os_signal().await;
+                    eprintln!("shutting down: stopping every process…");
+                    signal.trigger();
+                });
+                restaurant::supervisor::run(cfg, shutdown, |url, file| {
+                    print_banner(url);
+                    println!("  processes: {}", file.display());
+                })
+                .await?;
+            } else {
+                let system = System::start(cfg).await?;
+                print_banner(&system.gateway_url);
                 restaurant_platform::shutdown::os_signal().await;
-                eprintln!("shutting down: stopping every process…");
-                signal.trigger();
-            });
-            restaurant::supervisor::run(tuning.config(port), shutdown, |url, file| {
-                print_banner(url);
-                println!("  processes: {}", file.display());
-            })
-            .await?;
+                eprintln!("shutting down: draining in-flight work…");
+                system.stop().await;
+            }
             eprintln!("stopped cleanly");
             Ok(())
         }
@@ -184,10 +219,16 @@ async fn main() -> anyhow::Result<()> {
             delivery_url,
             mypage_url,
             seed_demo_menu,
+            database_url,
+            nats_url,
+            stream,
             tuning,
         } => {
             let mut cfg = tuning.config(port);
             cfg.seed_demo_menu = seed_demo_menu;
+            cfg.database_url = database_url;
+            cfg.nats_url = nats_url;
+            cfg.stream = stream;
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
                 .await
                 .with_context(|| format!("binding port {port}"))?;
@@ -210,21 +251,30 @@ async fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             std::fs::create_dir_all(&cfg.data_dir)?;
-            // Services run apart share the event log file; they look for
-            // each other's appends often, since none can wake another.
-            let log = EventLog::open_shared(&cfg.data_dir.join("events.db"), cfg.fsync)
-                .await
-                .context("opening the event log")?;
-            let cook_url = cook_url.unwrap_or_default();
+            let (bus, log) = match &cfg.nats_url {
+                Some(_) => restaurant::open_bus(&cfg).await?,
+                None => {
+                    // Services run apart share the event log file; they look
+                    // for each other's appends often, since none can wake
+                    // another.
+                    let log = EventLog::open_shared(&cfg.data_dir.join("events.db"), cfg.fsync)
+                        .await
+                        .context("opening the event log")?;
+                    (Bus::Embedded(log.clone()), Some(log))
+                }
+            };
+            let cook_url = cook_url.join(",");
             if service == "order" && cook_url.is_empty() {
                 anyhow::bail!("--cook-url is required for the order service");
             }
-            let launcher = Launcher::new(cfg, Bus::Embedded(log.clone()), cook_url);
+            let launcher = Launcher::new(cfg, bus, cook_url);
             let running = launcher.launch(&service, listener).await?;
             println!("{service} listening on http://{addr}");
             restaurant::supervisor::stop_requested().await;
             running.stop().await;
-            log.close().await;
+            if let Some(log) = log {
+                log.close().await;
+            }
             Ok(())
         }
         Command::DeadLetters {

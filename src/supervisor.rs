@@ -109,6 +109,17 @@ fn common_args(cfg: &UpConfig) -> Vec<String> {
     if !cfg.fsync {
         args.push("--no-fsync".into());
     }
+    if let Some(url) = &cfg.database_url {
+        args.extend(["--database-url".into(), url.clone()]);
+    }
+    if let Some(url) = &cfg.nats_url {
+        args.extend([
+            "--nats-url".into(),
+            url.clone(),
+            "--stream".into(),
+            cfg.stream.clone(),
+        ]);
+    }
     args
 }
 
@@ -158,6 +169,9 @@ async fn supervise(sup: Arc<Supervised>, spec: ChildSpec, shutdown: Shutdown) {
         let mut child = match Command::new(&sup.exe)
             .args(&spec.args)
             .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
+            // Children get their backends from their flags only.
+            .env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -218,21 +232,25 @@ pub async fn run(
     let exe = std::env::current_exe().context("locating the restaurant binary")?;
     // Create and migrate the shared event log once, here: SQLite migrations
     // do not lock across processes, and every child opens this file.
-    restaurant_platform::bus::EventLog::open(&cfg.data_dir.join("events.db"), cfg.fsync)
-        .await
-        .context("preparing the event log")?
-        .close()
-        .await;
+    if cfg.nats_url.is_none() {
+        restaurant_platform::bus::EventLog::open(&cfg.data_dir.join("events.db"), cfg.fsync)
+            .await
+            .context("preparing the event log")?
+            .close()
+            .await;
+    }
     let names = crate::SERVICES;
     let mut records = Vec::new();
     for name in names {
-        records.push(ProcessRecord {
-            name: name.into(),
-            replica: 0,
-            pid: None,
-            port: free_port()?,
-            restarts: 0,
-        });
+        for replica in 0..cfg.replicas.max(1) {
+            records.push(ProcessRecord {
+                name: name.into(),
+                replica,
+                pid: None,
+                port: free_port()?,
+                restarts: 0,
+            });
+        }
     }
     let gateway_port = if cfg.port == 0 {
         free_port()?
@@ -246,9 +264,14 @@ pub async fn run(
         port: gateway_port,
         restarts: 0,
     });
+    // Every replica of a service, comma-separated.
     let url_of = |n: &str| {
-        let r = records.iter().find(|r| r.name == n).expect("planned");
-        format!("http://127.0.0.1:{}", r.port)
+        records
+            .iter()
+            .filter(|r| r.name == n)
+            .map(|r| format!("http://127.0.0.1:{}", r.port))
+            .collect::<Vec<_>>()
+            .join(",")
     };
     let common = common_args(&cfg);
     let mut specs = Vec::new();
@@ -262,7 +285,7 @@ pub async fn run(
         args.extend(common.iter().cloned());
         match r.name.as_str() {
             "order" => args.extend(["--cook-url".into(), url_of("cook")]),
-            "cook" if cfg.seed_demo_menu => args.push("--seed-demo-menu".into()),
+            "cook" if cfg.seed_demo_menu && r.replica == 0 => args.push("--seed-demo-menu".into()),
             "gateway" => {
                 for n in names {
                     args.extend([format!("--{n}-url"), url_of(n)]);

@@ -348,3 +348,61 @@ async fn children_of_a_killed_supervisor_stop_by_themselves() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_each_on_postgres_and_nats_survive_kill_dash_nine_of_one_replica_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (database_url, stream) = fresh_backends().await;
+    let nats = nats_url();
+    let args = [
+        "--replicas",
+        "2",
+        "--database-url",
+        &database_url,
+        "--nats-url",
+        &nats,
+        "--stream",
+        &stream,
+    ];
+    let (mut supervisor, url) = spawn_binary(dir.path(), &args).await;
+    let app = TestApp::attach(&url);
+    let r = restaurant();
+    for (m, s) in MENU {
+        app.set_menu(&r, m, *s).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(url.clone(), r.clone(), 6, stop.clone());
+    for name in ["cook", "order", "delivery", "mypage"] {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pid = pid_of(dir.path(), name).expect("running");
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while pid_of(dir.path(), name).is_none_or(|p| p == pid) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} was not restarted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert_nothing_lost_nothing_doubled(&app, &r, &acked).await;
+    let sup = supervisor.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &sup])
+        .status()
+        .unwrap();
+    tokio::time::timeout(PATIENCE, supervisor.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut cfg = restaurant::UpConfig::new(dir.path());
+    cfg.nats_url = Some(nats);
+    cfg.stream = stream;
+    drop_distributed_backends(&cfg).await;
+}

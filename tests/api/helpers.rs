@@ -27,7 +27,7 @@ fn database_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-fn nats_url() -> String {
+pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
@@ -42,16 +42,23 @@ async fn admin_execute(sql: String) {
 
 /// A fresh database and stream for one distributed test.
 async fn distributed_backends(config: &mut UpConfig) {
+    let (database_url, stream) = fresh_backends().await;
+    config.database_url = Some(database_url);
+    config.nats_url = Some(nats_url());
+    config.stream = stream;
+}
+
+/// Creates a fresh PostgreSQL database; returns its URL and a stream name
+/// (the same name) for NATS.
+pub async fn fresh_backends() -> (String, String) {
     let name = format!("rt_{}", restaurant_contract::new_id().replace('-', ""));
     admin_execute(format!("CREATE DATABASE {name}")).await;
     let base = database_admin_url();
     let base = base.rsplit_once('/').unwrap().0;
-    config.database_url = Some(format!("{base}/{name}"));
-    config.nats_url = Some(nats_url());
-    config.stream = name;
+    (format!("{base}/{name}"), name)
 }
 
-async fn drop_distributed_backends(config: &UpConfig) {
+pub async fn drop_distributed_backends(config: &UpConfig) {
     if config.nats_url.is_none() {
         return;
     }

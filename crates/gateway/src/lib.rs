@@ -4,7 +4,14 @@
 //! upstream into a problem-details 502/504 instead of a hung client.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -14,6 +21,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use http_body_util::BodyExt as _;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -25,23 +33,111 @@ use restaurant_platform::{
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 
-/// Where each service listens.
+/// Where each service's replicas listen.
 #[derive(Clone, Debug)]
 pub struct Upstreams {
-    pub order: String,
-    pub cook: String,
-    pub delivery: String,
-    pub mypage: String,
+    pub order: Vec<String>,
+    pub cook: Vec<String>,
+    pub delivery: Vec<String>,
+    pub mypage: Vec<String>,
+}
+
+impl Upstreams {
+    /// One replica of each.
+    pub fn single(order: String, cook: String, delivery: String, mypage: String) -> Self {
+        Upstreams {
+            order: vec![order],
+            cook: vec![cook],
+            delivery: vec![delivery],
+            mypage: vec![mypage],
+        }
+    }
+}
+
+/// One replica of a service.
+#[derive(Debug)]
+struct Replica {
+    base: String,
+    in_flight: AtomicUsize,
+    /// Ejected until then (epoch ms) after a connection failure or timeout:
+    /// passive outlier detection, so a dead replica costs one failed attempt,
+    /// not one per request.
+    down_until: AtomicI64,
+}
+
+/// A service's replicas. Requests go to the less busy of two picked
+/// (power of two choices): near least-loaded without scanning, and no herd
+/// on the single least-loaded one.
+#[derive(Debug)]
+struct Pool {
+    service: &'static str,
+    replicas: Vec<Replica>,
+    cursor: AtomicUsize,
+}
+
+/// How long a replica that failed to connect is left out.
+const EJECT_FOR_MS: i64 = 1_000;
+
+impl Pool {
+    fn new(service: &'static str, bases: &[String]) -> Self {
+        Pool {
+            service,
+            replicas: bases
+                .iter()
+                .map(|b| Replica {
+                    base: b.trim_end_matches('/').to_owned(),
+                    in_flight: AtomicUsize::new(0),
+                    down_until: AtomicI64::new(0),
+                })
+                .collect(),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// A replica to try, never `avoid`; healthy ones first.
+    fn pick(&self, avoid: Option<usize>) -> Option<usize> {
+        let now = restaurant_contract::now_ms();
+        let usable = |i: &usize, healthy: bool| {
+            Some(*i) != avoid
+                && (!healthy || self.replicas[*i].down_until.load(Ordering::Relaxed) <= now)
+        };
+        let all: Vec<usize> = (0..self.replicas.len()).collect();
+        let mut candidates: Vec<usize> = all.iter().copied().filter(|i| usable(i, true)).collect();
+        if candidates.is_empty() {
+            candidates = all.into_iter().filter(|i| usable(i, false)).collect();
+        }
+        match candidates.len() {
+            0 => None,
+            1 => Some(candidates[0]),
+            n => {
+                let c = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let a = candidates[c % n];
+                // A second, different candidate spread by a multiplicative hash.
+                let b = candidates[(c % n + 1 + c.wrapping_mul(0x9E37_79B9) % (n - 1)) % n];
+                let load = |i: usize| self.replicas[i].in_flight.load(Ordering::Relaxed);
+                Some(if load(b) < load(a) { b } else { a })
+            }
+        }
+    }
+
+    fn healthy(&self, i: usize) {
+        self.replicas[i].down_until.store(0, Ordering::Relaxed);
+    }
+
+    fn eject(&self, i: usize) {
+        let until = restaurant_contract::now_ms() + EJECT_FOR_MS;
+        self.replicas[i].down_until.store(until, Ordering::Relaxed);
+        metrics::counter!("gateway_ejections_total", "service" => self.service).increment(1);
+    }
 }
 
 /// A route: requests whose path starts with `prefix` (at a segment
-/// boundary) go to `service`; `rewrite` replaces the prefix if set.
+/// boundary) go to `pool`; `rewrite` replaces the prefix if set.
 #[derive(Clone, Debug)]
 struct Route {
     prefix: &'static str,
-    service: &'static str,
     rewrite: Option<&'static str>,
-    base: String,
+    pool: Arc<Pool>,
 }
 
 impl Route {
@@ -51,26 +147,33 @@ impl Route {
     }
 }
 
-fn routes(u: &Upstreams) -> Vec<Route> {
-    let r = |prefix, service, rewrite, base: &String| Route {
+fn routes(u: &Upstreams) -> (Vec<Route>, Vec<Arc<Pool>>) {
+    let order = Arc::new(Pool::new("order", &u.order));
+    let cook = Arc::new(Pool::new("cook", &u.cook));
+    let delivery = Arc::new(Pool::new("delivery", &u.delivery));
+    let mypage = Arc::new(Pool::new("mypage", &u.mypage));
+    let r = |prefix, rewrite, pool: &Arc<Pool>| Route {
         prefix,
-        service,
         rewrite,
-        base: base.trim_end_matches('/').to_owned(),
+        pool: pool.clone(),
     };
-    vec![
-        r("/orders", "order", None, &u.order),
-        r("/menus", "cook", None, &u.cook),
-        r("/cooks", "cook", None, &u.cook),
-        r("/deliveries", "delivery", None, &u.delivery),
-        r("/mypages", "mypage", None, &u.mypage),
+    let routes = vec![
+        r("/orders", None, &order),
+        r("/menus", None, &cook),
+        r("/cooks", None, &cook),
+        r("/deliveries", None, &delivery),
+        r("/mypages", None, &mypage),
         // Each service's dead-letter admin, under one roof.
-        r("/admin/order", "order", Some("/admin"), &u.order),
-        r("/admin/cook", "cook", Some("/admin"), &u.cook),
-        r("/admin/delivery", "delivery", Some("/admin"), &u.delivery),
-        r("/admin/mypage", "mypage", Some("/admin"), &u.mypage),
-    ]
+        r("/admin/order", Some("/admin"), &order),
+        r("/admin/cook", Some("/admin"), &cook),
+        r("/admin/delivery", Some("/admin"), &delivery),
+        r("/admin/mypage", Some("/admin"), &mypage),
+    ];
+    (routes, vec![cook, delivery, mypage, order])
 }
+
+/// Largest request body the gateway forwards.
+const MAX_PROXIED_BODY: usize = 1024 * 1024;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
@@ -87,6 +190,7 @@ const HOP_BY_HOP: &[&str] = &[
 #[derive(Clone)]
 struct Gateway {
     routes: Arc<Vec<Route>>,
+    pools: Arc<Vec<Arc<Pool>>>,
     client: Client<HttpConnector, Body>,
     timeout: Duration,
     /// Proxied requests in flight. When none is left the gateway sheds load
@@ -124,8 +228,10 @@ pub fn router(config: Config, shutdown: Shutdown) -> Router {
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
         .build(connector);
+    let (routes, pools) = routes(&config.upstreams);
     let gw = Gateway {
-        routes: Arc::new(routes(&config.upstreams)),
+        routes: Arc::new(routes),
+        pools: Arc::new(pools),
         client,
         timeout: config.timeout,
         in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
@@ -150,21 +256,27 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
     if gw.shutdown.is_triggered() {
         return Problem::unavailable("draining for shutdown").into_response();
     }
-    let mut seen = std::collections::BTreeMap::new();
-    for r in gw.routes.iter() {
-        seen.entry(r.service).or_insert_with(|| r.base.clone());
-    }
-    let checks = seen.into_iter().map(|(service, base)| {
+    let checks = gw.pools.iter().map(|pool| {
         let client = gw.client.clone();
+        let pool = pool.clone();
         async move {
-            let uri: Uri = format!("{base}/readyz").parse().ok()?;
-            let req = Request::get(uri).body(Body::empty()).ok()?;
-            let ok = tokio::time::timeout(Duration::from_secs(1), client.request(req))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .is_some_and(|r| r.status().is_success());
-            (!ok).then_some(service)
+            for r in &pool.replicas {
+                let Ok(uri) = format!("{}/readyz", r.base).parse::<Uri>() else {
+                    continue;
+                };
+                let Ok(req) = Request::get(uri).body(Body::empty()) else {
+                    continue;
+                };
+                let ok = tokio::time::timeout(Duration::from_secs(1), client.request(req))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .is_some_and(|r| r.status().is_success());
+                if ok {
+                    return None;
+                }
+            }
+            Some(pool.service)
         }
     });
     let down: Vec<&str> = futures_util::future::join_all(checks)
@@ -181,7 +293,7 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
     }
 }
 
-async fn proxy(State(gw): State<Gateway>, mut req: Request) -> Response {
+async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     let Ok(_slot) = gw.in_flight.clone().try_acquire_owned() else {
         metrics::counter!("gateway_shed_total").increment(1);
         return Problem::unavailable("the gateway is at capacity; retry shortly")
@@ -193,21 +305,17 @@ async fn proxy(State(gw): State<Gateway>, mut req: Request) -> Response {
         return Problem::not_found(format!("no route for {path}")).into_response();
     };
     let rest = &path[route.prefix.len()..];
-    let new_path = match route.rewrite {
-        Some(to) => format!("{to}{rest}"),
-        None => path.to_owned(),
+    let path_and_query = match (route.rewrite, req.uri().query()) {
+        (Some(to), Some(q)) => format!("{to}{rest}?{q}"),
+        (Some(to), None) => format!("{to}{rest}"),
+        (None, _) => req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default(),
     };
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let uri: Uri = match format!("{}{new_path}{query}", route.base).parse() {
-        Ok(u) => u,
-        Err(_) => return Problem::bad_request("malformed request target").into_response(),
-    };
-    *req.uri_mut() = uri;
-    let headers = req.headers_mut();
+    let (mut parts, body) = req.into_parts();
+    let headers = &mut parts.headers;
     for h in HOP_BY_HOP {
         headers.remove(*h);
     }
@@ -229,26 +337,77 @@ async fn proxy(State(gw): State<Gateway>, mut req: Request) -> Response {
     if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
         headers.insert(TRACEPARENT.clone(), v);
     }
-    let service = route.service;
+    // Buffered, so a request that could not be delivered (connection
+    // refused: nothing was sent) can go to another replica whatever its
+    // method. Bodies here are small; the services cap them at 64 KiB.
+    let body = match http_body_util::Limited::new(body, MAX_PROXIED_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Problem::new(
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body too large",
+            )
+            .detail(format!("the body exceeds {MAX_PROXIED_BODY} bytes"))
+            .into_response();
+        }
+    };
+    let pool = &route.pool;
+    let service = pool.service;
     let started = std::time::Instant::now();
-    let result = tokio::time::timeout(gw.timeout, gw.client.request(req)).await;
-    let mut res = match result {
-        Ok(Ok(res)) => res.map(Body::new).into_response(),
-        Ok(Err(e)) => {
-            tracing::warn!(service, error = %e, "upstream unreachable");
-            Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
+    let mut tried = None;
+    let mut res = loop {
+        let Some(i) = pool.pick(tried) else {
+            break Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
                 .detail(format!(
                     "the {service} service cannot be reached; try again shortly"
                 ))
                 .retry_after(Duration::from_secs(1))
-                .into_response()
+                .into_response();
+        };
+        let replica = &pool.replicas[i];
+        let Ok(uri) = format!("{}{path_and_query}", replica.base).parse::<Uri>() else {
+            break Problem::bad_request("malformed request target").into_response();
+        };
+        let mut attempt = Request::from_parts(parts.clone(), Body::from(body.clone()));
+        *attempt.uri_mut() = uri;
+        replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::time::timeout(gw.timeout, gw.client.request(attempt)).await;
+        replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(Ok(res)) => {
+                pool.healthy(i);
+                break res.map(Body::new).into_response();
+            }
+            Ok(Err(e)) if e.is_connect() && tried.is_none() => {
+                tracing::warn!(service, replica = %replica.base, error = %e, "replica unreachable; trying another");
+                pool.eject(i);
+                tried = Some(i);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(service, replica = %replica.base, error = %e, "upstream unreachable");
+                if e.is_connect() {
+                    pool.eject(i);
+                }
+                break Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
+                    .detail(format!(
+                        "the {service} service cannot be reached; try again shortly"
+                    ))
+                    .retry_after(Duration::from_secs(1))
+                    .into_response();
+            }
+            Err(_) => {
+                pool.eject(i);
+                break Problem::new(http::StatusCode::GATEWAY_TIMEOUT, "Upstream timeout")
+                    .detail(format!(
+                        "the {service} service did not answer within {:?}",
+                        gw.timeout
+                    ))
+                    .into_response();
+            }
         }
-        Err(_) => Problem::new(http::StatusCode::GATEWAY_TIMEOUT, "Upstream timeout")
-            .detail(format!(
-                "the {service} service did not answer within {:?}",
-                gw.timeout
-            ))
-            .into_response(),
     };
     for h in HOP_BY_HOP {
         res.headers_mut().remove(*h);

@@ -66,12 +66,7 @@ async fn gateway(upstreams: Upstreams, timeout: Duration, max_in_flight: usize) 
 async fn routes_by_prefix_and_propagates_request_ids() {
     let (order, cook) = (echo().await, echo().await);
     let gw = gateway(
-        Upstreams {
-            order,
-            cook: cook.clone(),
-            delivery: gone().await,
-            mypage: gone().await,
-        },
+        Upstreams::single(order, cook.clone(), gone().await, gone().await),
         Duration::from_secs(5),
         16,
     )
@@ -110,12 +105,7 @@ async fn routes_by_prefix_and_propagates_request_ids() {
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502_and_a_hung_one_a_504() {
     let gw = gateway(
-        Upstreams {
-            order: gone().await,
-            cook: hung().await,
-            delivery: gone().await,
-            mypage: gone().await,
-        },
+        Upstreams::single(gone().await, hung().await, gone().await, gone().await),
         Duration::from_millis(300),
         16,
     )
@@ -134,12 +124,7 @@ async fn an_unreachable_upstream_is_a_502_and_a_hung_one_a_504() {
 #[tokio::test]
 async fn at_capacity_it_sheds_fast_with_retry_after() {
     let gw = gateway(
-        Upstreams {
-            order: hung().await,
-            cook: echo().await,
-            delivery: gone().await,
-            mypage: gone().await,
-        },
+        Upstreams::single(hung().await, echo().await, gone().await, gone().await),
         Duration::from_secs(2),
         2,
     )
@@ -164,4 +149,43 @@ async fn at_capacity_it_sheds_fast_with_retry_after() {
     // Capacity is back.
     let res = c.get(format!("{gw}/menus")).send().await.unwrap();
     assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn a_dead_replica_is_skipped_and_traffic_keeps_succeeding() {
+    let (live, dead) = (echo().await, gone().await);
+    let gw = gateway(
+        Upstreams {
+            order: vec![dead, live],
+            cook: vec![gone().await],
+            delivery: vec![gone().await],
+            mypage: vec![gone().await],
+        },
+        Duration::from_secs(5),
+        16,
+    )
+    .await;
+    let c = reqwest::Client::new();
+    for i in 0..20 {
+        // A refused connection means nothing was sent, so even a POST is
+        // safe to send to the other replica.
+        let res = if i % 2 == 0 {
+            c.get(format!("{gw}/orders/{i}")).send().await.unwrap()
+        } else {
+            c.post(format!("{gw}/orders")).send().await.unwrap()
+        };
+        assert_ne!(res.status(), 502, "request {i} failed over");
+    }
+    let metrics = c
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("gateway_ejections_total"),
+        "the dead replica was ejected"
+    );
 }

@@ -3,7 +3,13 @@
 //! as the seed asks). The answer decides the HTTP status the customer sees;
 //! no answer is not an error but a reason to defer (CANCEL_PENDING).
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use restaurant_platform::{
     breaker::{BreakerConfig, CircuitBreaker},
@@ -38,7 +44,10 @@ struct Answer {
 
 #[derive(Clone, Debug)]
 pub struct Kitchen {
-    base_url: String,
+    /// The kitchen's replicas; calls rotate over them and move on to the
+    /// next when one refuses the connection (nothing was sent to it).
+    base_urls: Arc<Vec<String>>,
+    next: Arc<AtomicUsize>,
     client: JsonClient,
     deadline: Duration,
     /// Opens after consecutive timeouts or connection failures, so that a
@@ -48,9 +57,17 @@ pub struct Kitchen {
 }
 
 impl Kitchen {
+    /// `base_url` may list several replicas, comma-separated.
     pub fn new(base_url: impl Into<String>, deadline: Duration, breaker: BreakerConfig) -> Self {
+        let base_urls = base_url
+            .into()
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
         Kitchen {
-            base_url: base_url.into(),
+            base_urls: Arc::new(base_urls),
+            next: Arc::new(AtomicUsize::new(0)),
             client: JsonClient::new(),
             deadline,
             breaker: CircuitBreaker::new("order_to_cook_cancel", breaker),
@@ -70,7 +87,6 @@ impl Kitchen {
         request_id: &str,
         traceparent: &str,
     ) -> KitchenAnswer {
-        let url = format!("{}/internal/cancellations", self.base_url);
         let body = CancelBody {
             order_id,
             request_id,
@@ -84,10 +100,20 @@ impl Kitchen {
                 };
             }
         };
-        let result = self
-            .client
-            .post_json(&url, &body, &headers, self.deadline)
-            .await;
+        let started = tokio::time::Instant::now();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut result = Err(CallError::Refused("no kitchen configured".into()));
+        for k in 0..self.base_urls.len() {
+            let base = &self.base_urls[(first + k) % self.base_urls.len()];
+            let url = format!("{base}/internal/cancellations");
+            let left = self.deadline.saturating_sub(started.elapsed());
+            result = self.client.post_json(&url, &body, &headers, left).await;
+            // Only a refused connection is safe to retry elsewhere: the
+            // request never left. A timeout may have reached the kitchen.
+            if !matches!(result, Err(CallError::Refused(_))) {
+                break;
+            }
+        }
         match result {
             Ok((status, bytes)) => {
                 // Any answer but a server error means the kitchen works.
@@ -108,7 +134,9 @@ impl Kitchen {
                     },
                 }
             }
-            Err(e @ (CallError::Unreachable(_) | CallError::Timeout(_))) => {
+            Err(
+                e @ (CallError::Refused(_) | CallError::Unreachable(_) | CallError::Timeout(_)),
+            ) => {
                 permit.failure();
                 KitchenAnswer::Unavailable { why: e.to_string() }
             }

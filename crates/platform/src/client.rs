@@ -16,7 +16,11 @@ use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
-    /// No answer: connection refused or reset, or the deadline passed.
+    /// The connection could not be made: the request was never sent, so it
+    /// is safe to send it elsewhere.
+    #[error("peer refused the connection: {0}")]
+    Refused(String),
+    /// No answer: the connection broke after the request may have been sent.
     #[error("peer unreachable: {0}")]
     Unreachable(String),
     #[error("deadline of {0:?} passed")]
@@ -89,11 +93,13 @@ impl JsonClient {
         deadline: Duration,
     ) -> Result<(StatusCode, Bytes), CallError> {
         let call = async {
-            let res = self
-                .inner
-                .request(req)
-                .await
-                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            let res = self.inner.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    CallError::Refused(e.to_string())
+                } else {
+                    CallError::Unreachable(e.to_string())
+                }
+            })?;
             let status = res.status();
             let body = res
                 .into_body()
