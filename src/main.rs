@@ -133,6 +133,13 @@ enum Command {
         #[command(flatten)]
         tuning: Tuning,
     },
+    /// Rebuild MyPage's read model from the retained event history and
+    /// switch to it (the running system keeps serving meanwhile).
+    MypageRebuild {
+        /// The gateway URL.
+        #[arg(long, env = "RESTAURANT_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
     /// List or replay events a service parked as dead letters.
     DeadLetters {
         /// The gateway URL.
@@ -275,6 +282,16 @@ async fn main() -> anyhow::Result<()> {
             if let Some(log) = log {
                 log.close().await;
             }
+            Ok(())
+        }
+        Command::MypageRebuild { url } => {
+            let client = restaurant_platform::client::JsonClient::new();
+            let u = format!("{}/admin/mypage/rebuild", url.trim_end_matches('/'));
+            let (status, body) = client
+                .post_json(&u, &serde_json::json!({}), &[], Duration::from_secs(600))
+                .await?;
+            println!("{}", String::from_utf8_lossy(&body));
+            anyhow::ensure!(status.is_success(), "the service answered {status}");
             Ok(())
         }
         Command::DeadLetters {

@@ -7,4 +7,5 @@ mod cancel;
 mod crash;
 mod faults;
 mod helpers;
+mod rebuild;
 mod saga;

@@ -9,10 +9,15 @@ pub mod projection;
 
 use std::sync::Arc;
 
-use axum::{Router, extract::State, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    routing::{get, post},
+};
 use projection::View;
 use restaurant_contract::{Envelope, Event, OrderLine};
 use restaurant_platform::{
+    bus::Bus,
     consumer::{HandleError, Handler},
     db::{Db, Migrations, Tx},
     http::{Json, Path, Problem, Query, required},
@@ -65,17 +70,28 @@ fn from_row(r: &AnyRow) -> Result<Stored, sqlx::Error> {
 
 /// Applies one event to its order's view inside the consumer's transaction.
 async fn project(db: &Db, tx: &mut Tx, env: &Envelope, event: &Event) -> Result<(), sqlx::Error> {
+    project_into(db, tx, "views", env, event).await
+}
+
+/// Applies one event to its order's view in `table`.
+async fn project_into(
+    db: &Db,
+    tx: &mut Tx,
+    table: &str,
+    env: &Envelope,
+    event: &Event,
+) -> Result<(), sqlx::Error> {
     // Make sure the row exists so it can be locked: two replicas applying
     // events of one order must not lose each other's update.
-    sqlx::query(
-        "INSERT INTO views (order_id, facts, updated_at, projected_at) VALUES ($1, 0, 0, 0) \
-         ON CONFLICT (order_id) DO NOTHING",
-    )
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {table} (order_id, facts, updated_at, projected_at) VALUES ($1, 0, 0, 0) \
+         ON CONFLICT (order_id) DO NOTHING"
+    )))
     .bind(&env.order_id)
     .execute(&mut **tx)
     .await?;
     let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM views WHERE order_id = $1{}",
+        "SELECT {COLUMNS} FROM {table} WHERE order_id = $1{}",
         db.lock_suffix()
     )))
     .bind(&env.order_id)
@@ -88,11 +104,11 @@ async fn project(db: &Db, tx: &mut Tx, env: &Envelope, event: &Event) -> Result<
     if view == before {
         return Ok(());
     }
-    sqlx::query(
-        "UPDATE views SET customer_id = $2, restaurant_id = $3, items = $4, facts = $5, \
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {table} SET customer_id = $2, restaurant_id = $3, items = $4, facts = $5, \
          cook_id = $6, delivery_id = $7, reject_reason = $8, cancel_reason = $9, \
-         refuse_reason = $10, updated_at = $11, projected_at = $12 WHERE order_id = $1",
-    )
+         refuse_reason = $10, updated_at = $11, projected_at = $12 WHERE order_id = $1"
+    )))
     .bind(&view.order_id)
     .bind(&view.customer_id)
     .bind(&view.restaurant_id)
@@ -115,6 +131,96 @@ async fn project(db: &Db, tx: &mut Tx, env: &Envelope, event: &Event) -> Result<
     let lag = (now - env.occurred_at).max(0) as f64 / 1000.0;
     metrics::histogram!("mypage_staleness_seconds").record(lag);
     Ok(())
+}
+
+/// The view table's shape, for a rebuild's fresh table; the same as
+/// `migrations/0100_views.sql` (the rebuild test reads rebuilt views through
+/// the ordinary queries).
+fn create_view_table(table: &str, index: &str) -> [String; 2] {
+    [
+        format!(
+            "CREATE TABLE {table} (order_id TEXT PRIMARY KEY, customer_id TEXT, \
+             restaurant_id TEXT, items TEXT, facts BIGINT NOT NULL, cook_id TEXT, \
+             delivery_id TEXT, reject_reason TEXT, cancel_reason TEXT, refuse_reason TEXT, \
+             updated_at BIGINT NOT NULL, projected_at BIGINT NOT NULL)"
+        ),
+        format!("CREATE INDEX {index} ON {table} (customer_id, order_id)"),
+    ]
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rebuilt {
+    pub events: u64,
+    pub views: i64,
+}
+
+async fn replay_into(
+    db: &Db,
+    bus: &Bus,
+    table: &str,
+    after: i64,
+    events: &mut u64,
+) -> anyhow::Result<i64> {
+    let mut replay = bus.replay(after).await?;
+    let mut last = after;
+    loop {
+        let batch = replay.next_batch(500).await?;
+        let Some(end) = batch.last().map(|d| d.position) else {
+            return Ok(last);
+        };
+        let mut tx = db.begin().await?;
+        for d in &batch {
+            // What does not decode was parked by the live consumer; a
+            // rebuild skips it the same way.
+            let Ok(env) = Envelope::from_json(d.payload.as_bytes()) else {
+                continue;
+            };
+            if let Ok(Some(event)) = env.event() {
+                project_into(db, &mut tx, table, &env, &event).await?;
+                *events += 1;
+            }
+        }
+        tx.commit().await?;
+        last = end;
+    }
+}
+
+/// Rebuilds every view from the retained event history into a fresh table,
+/// then switches to it. The live consumer keeps projecting into the old
+/// table meanwhile; after the switch the history since the rebuild's end is
+/// applied again to the new table. Applying an event twice is harmless (the
+/// projection is idempotent and order-independent), so nothing is missed
+/// and nothing is doubled.
+pub async fn rebuild(db: &Db, bus: &Bus) -> anyhow::Result<Rebuilt> {
+    let index = format!("views_by_customer_{}", restaurant_contract::now_ms());
+    let mut tx = db.begin().await?;
+    sqlx::query("DROP TABLE IF EXISTS views_rebuild")
+        .execute(&mut *tx)
+        .await?;
+    for ddl in create_view_table("views_rebuild", &index) {
+        sqlx::query(AssertSqlSafe(ddl)).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    let mut events = 0;
+    let end = replay_into(db, bus, "views_rebuild", 0, &mut events).await?;
+    let mut tx = db.begin().await?;
+    sqlx::query("DROP TABLE views").execute(&mut *tx).await?;
+    sqlx::query("ALTER TABLE views_rebuild RENAME TO views")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    replay_into(db, bus, "views", end, &mut events).await?;
+    let views: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM views")
+        .fetch_one(db.reader())
+        .await?;
+    tracing::info!(events, views, "MyPage rebuilt from the event history");
+    Ok(Rebuilt { events, views })
+}
+
+async fn rebuild_endpoint(State(s): State<(Db, Bus)>) -> Result<Json<Rebuilt>, Problem> {
+    Ok(Json(rebuild(&s.0, &s.1).await?))
 }
 
 pub struct MyPageEvents(pub Db);
@@ -215,7 +321,12 @@ pub async fn start(ctx: ServiceContext, listener: TcpListener) -> std::io::Resul
     let router = Router::new()
         .route("/mypages", get(list_views))
         .route("/mypages/{order_id}", get(get_view))
-        .with_state(ctx.db.clone());
+        .with_state(ctx.db.clone())
+        .merge(
+            Router::new()
+                .route("/admin/rebuild", post(rebuild_endpoint))
+                .with_state((ctx.db.clone(), ctx.bus.clone())),
+        );
     let mut host = ServiceHost::new(ctx.clone());
     host.consume(Arc::new(MyPageEvents(ctx.db.clone())));
     host.serve(listener, router)

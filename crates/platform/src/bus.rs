@@ -66,6 +66,18 @@ impl Bus {
         }
     }
 
+    /// Reads the retained history after `after` (a position), in order,
+    /// for rebuilding read models. Consumers' positions are not touched.
+    pub async fn replay(&self, after: i64) -> anyhow::Result<Replay> {
+        match self {
+            Bus::Embedded(log) => Ok(Replay::Embedded {
+                log: log.clone(),
+                after,
+            }),
+            Bus::Nats(nats) => Ok(Replay::Nats(Box::new(nats.replay(after).await?))),
+        }
+    }
+
     pub async fn ping(&self) -> anyhow::Result<()> {
         match self {
             Bus::Embedded(log) => Ok(log.db.ping().await?),
@@ -109,6 +121,27 @@ impl Subscription {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// A read of the retained history, batch by batch; an empty batch is the end.
+pub enum Replay {
+    Embedded { log: EventLog, after: i64 },
+    Nats(Box<NatsReplay>),
+}
+
+impl Replay {
+    pub async fn next_batch(&mut self, max: usize) -> anyhow::Result<Vec<Delivery>> {
+        match self {
+            Replay::Embedded { log, after } => {
+                let batch = log.read_from(*after, max as i64).await?;
+                if let Some(last) = batch.last() {
+                    *after = last.position;
+                }
+                Ok(batch)
+            }
+            Replay::Nats(r) => r.next_batch(max).await,
         }
     }
 }
@@ -417,6 +450,29 @@ impl NatsBus {
         })
     }
 
+    /// An ephemeral, unacknowledged consumer reading the stream from
+    /// `after + 1`: a replay leaves no trace on the server.
+    async fn replay(&self, after: i64) -> anyhow::Result<NatsReplay> {
+        use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull::Config};
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.stream))?;
+        let consumer = stream
+            .create_consumer(Config {
+                ack_policy: AckPolicy::None,
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: after.max(0) as u64 + 1,
+                },
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("replay consumer: {e}"))?;
+        Ok(NatsReplay { consumer })
+    }
+
     async fn ping(&self) -> anyhow::Result<()> {
         use async_nats::connection::State;
         match self.client.connection_state() {
@@ -509,4 +565,36 @@ pub async fn delete_nats_stream(url: &str, stream: &str) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("deleting stream {stream}: {e}"))?;
     Ok(())
+}
+
+pub struct NatsReplay {
+    consumer:
+        async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
+}
+
+impl NatsReplay {
+    async fn next_batch(&mut self, max: usize) -> anyhow::Result<Vec<Delivery>> {
+        use futures_util::StreamExt;
+        // `fetch` returns what is there now and no more: an empty batch is
+        // the end of the history as of this read.
+        let mut messages = self
+            .consumer
+            .fetch()
+            .max_messages(max)
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!("replay: {e}"))?;
+        let mut out = Vec::new();
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| anyhow::anyhow!("replay: {e}"))?;
+            let position = m.info().map(|i| i.stream_sequence as i64).unwrap_or(0);
+            out.push(Delivery {
+                payload: String::from_utf8_lossy(&m.payload).into_owned(),
+                position,
+                attempt: 1,
+                message: None,
+            });
+        }
+        Ok(out)
+    }
 }
