@@ -7,6 +7,7 @@
 //! and over HTTP on loopback, exactly as they do when deployed apart.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod supervisor;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};

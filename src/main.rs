@@ -133,6 +133,22 @@ enum Command {
         #[command(flatten)]
         tuning: Tuning,
     },
+    /// Load the system through the gateway and report completed orders/s,
+    /// latencies and MyPage staleness (loopback only).
+    Bench {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, default_value = "30s")]
+        duration: Timer,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Stop placing after this many orders even if time is left.
+        #[arg(long, default_value_t = 10_000_000)]
+        max_orders: u64,
+        /// Write the report as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Rebuild MyPage's read model from the retained event history and
     /// switch to it (the running system keeps serving meanwhile).
     MypageRebuild {
@@ -281,6 +297,29 @@ async fn main() -> anyhow::Result<()> {
             running.stop().await;
             if let Some(log) = log {
                 log.close().await;
+            }
+            Ok(())
+        }
+        Command::Bench {
+            url,
+            duration,
+            concurrency,
+            max_orders,
+            json,
+        } => {
+            let report = restaurant::bench::run(restaurant::bench::BenchArgs {
+                url,
+                duration: duration.0.unwrap_or(Duration::from_secs(30)),
+                concurrency: concurrency.max(1),
+                max_orders,
+                drain: Duration::from_secs(30),
+                progress: true,
+            })
+            .await?;
+            println!("{}", report.human());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             Ok(())
         }

@@ -159,6 +159,23 @@ impl<H: Handler> Consumer<H> {
                     continue;
                 }
             };
+            // The fast path: the whole batch in one transaction (one commit,
+            // one fsync, for up to BATCH events). Any failure rolls it all
+            // back and the batch goes through one event at a time, where
+            // retries and parking isolate the bad one.
+            if !batch.is_empty() {
+                match self.apply_batch(&batch).await {
+                    Ok(()) => {
+                        if let Err(e) = sub.ack(&batch).await {
+                            tracing::warn!(consumer = %self.name, error = %e, "ack failed");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(consumer = %self.name, error = %e, "batch failed; one by one");
+                    }
+                }
+            }
             let mut done = 0;
             for d in &batch {
                 let outcome = if d.attempt > MAX_DELIVERIES {
@@ -219,6 +236,56 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
+    /// Applies every event of `batch` in one transaction, or none.
+    async fn apply_batch(&self, batch: &[crate::bus::Delivery]) -> Result<(), HandleError> {
+        use futures_util::FutureExt;
+        let mut tx = self.db.begin().await?;
+        let mut applied = 0u64;
+        for d in batch {
+            if d.attempt > MAX_DELIVERIES {
+                return Err(HandleError::Permanent("redelivered too often".into()));
+            }
+            let env = Envelope::from_json(d.payload.as_bytes())
+                .map_err(|e| HandleError::Permanent(e.to_string()))?;
+            let event = match env.event() {
+                Ok(Some(ev)) if H::TYPES.contains(&env.event_type.as_str()) => ev,
+                Ok(_) => continue,
+                Err(e) => return Err(HandleError::Permanent(e.to_string())),
+            };
+            if !self.record(&mut tx, &env).await? {
+                continue;
+            }
+            std::panic::AssertUnwindSafe(self.handler.handle(&mut tx, &env, event))
+                .catch_unwind()
+                .await
+                .map_err(|_| HandleError::Permanent("the handler panicked".into()))??;
+            applied += 1;
+        }
+        tx.commit().await?;
+        if applied > 0 {
+            self.outbox.notify();
+            self.handler.after_commit();
+            metrics::counter!("consumer_applied_total", "consumer" => self.name.clone())
+                .increment(applied);
+        }
+        Ok(())
+    }
+
+    /// Records that this consumer applies `env`; `false` if it already did.
+    async fn record(&self, tx: &mut Tx, env: &Envelope) -> Result<bool, sqlx::Error> {
+        Ok(sqlx::query(
+            "INSERT INTO processed_events (consumer, event_id, processed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.name)
+        .bind(&env.event_id)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
     async fn park_raw(&self, payload: &str, error: &str, attempts: u32) -> Outcome {
         let env = Envelope::from_json(payload.as_bytes()).ok();
         self.park(payload, env.as_ref(), error, attempts).await
@@ -239,18 +306,7 @@ impl<H: Handler> Consumer<H> {
 
     async fn apply_inner(&self, env: &Envelope, event: Event) -> Result<Outcome, HandleError> {
         let mut tx = self.db.begin().await?;
-        let fresh = sqlx::query(
-            "INSERT INTO processed_events (consumer, event_id, processed_at) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.name)
-        .bind(&env.event_id)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !fresh {
+        if !self.record(&mut tx, env).await? {
             tx.rollback().await?;
             metrics::counter!("consumer_duplicates_total", "consumer" => self.name.clone())
                 .increment(1);

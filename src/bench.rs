@@ -1,0 +1,467 @@
+//! `restaurant bench`: the load generator. It places orders through the
+//! gateway from `concurrency` clients for a bounded time, follows every order
+//! to its final state on MyPage, and reports what a user of the system cares
+//! about: completed orders per second, placement latency, end-to-end latency
+//! (placed → delivered) and MyPage staleness, each from an HDR histogram.
+//!
+//! End-to-end latency and staleness use the system's own timestamps (the
+//! order's `createdAt`, the view's `updatedAt` and `projectedAt`, all taken
+//! on this machine's clock), so they do not depend on how often the bench
+//! polls. Placement latency is the client's round trip.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+#[derive(Clone, Debug)]
+pub struct BenchArgs {
+    pub url: String,
+    pub duration: Duration,
+    pub concurrency: usize,
+    pub max_orders: u64,
+    /// How long to wait, after placing stops, for orders to finish.
+    pub drain: Duration,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub orders_placed: u64,
+    pub orders_completed: u64,
+    pub completed_per_sec: f64,
+    pub place_latency_ms: Percentiles,
+    pub end_to_end_latency_ms: Percentiles,
+    pub mypage_lag_ms: Percentiles,
+    pub errors: BTreeMap<String, u64>,
+    pub duration_secs: f64,
+    pub concurrency: usize,
+}
+
+/// Microsecond histograms up to an hour, 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid")
+}
+
+fn percentiles_ms(h: &Histogram<u64>) -> Percentiles {
+    let ms = |us: u64| (us as f64 / 1000.0 * 100.0).round() / 100.0;
+    if h.is_empty() {
+        return Percentiles {
+            p50: 0.0,
+            p95: 0.0,
+            p99: 0.0,
+            max: 0.0,
+        };
+    }
+    Percentiles {
+        p50: ms(h.value_at_quantile(0.50)),
+        p95: ms(h.value_at_quantile(0.95)),
+        p99: ms(h.value_at_quantile(0.99)),
+        max: ms(h.max()),
+    }
+}
+
+fn parse_ms(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// Refuses anything but loopback: the bench is a load generator.
+fn check_loopback(url: &str) -> anyhow::Result<()> {
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split(['/', '?']).next())
+        .map(|authority| match authority.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => h,
+            _ => authority,
+        })
+        .unwrap_or_default();
+    anyhow::ensure!(
+        matches!(host, "127.0.0.1" | "localhost" | "[::1]"),
+        "the bench only targets this machine (127.0.0.1, localhost, [::1]), not {host:?}"
+    );
+    Ok(())
+}
+
+/// An order on its way.
+struct Pending {
+    created_at: i64,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// customer → (order id → pending)
+    pending: Mutex<HashMap<String, HashMap<String, Pending>>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    e2e: Mutex<Option<Histogram<u64>>>,
+    lag: Mutex<Option<Histogram<u64>>>,
+    placed: AtomicU64,
+    completed: AtomicU64,
+    last_completion_us: AtomicU64,
+}
+
+impl Shared {
+    fn error(&self, kind: &str) {
+        *self
+            .errors
+            .lock()
+            .unwrap()
+            .entry(kind.to_owned())
+            .or_default() += 1;
+    }
+}
+
+fn error_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
+    check_loopback(&args.url)?;
+    let url = args.url.trim_end_matches('/').to_owned();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(args.concurrency + 8)
+        .build()?;
+    let run_id = restaurant_contract::new_id();
+    let restaurant = format!("bench-{run_id}");
+    for menu in ["bibimbap", "bulgogi"] {
+        let res = client
+            .put(format!("{url}/menus/{restaurant}/{menu}"))
+            .json(&json!({"name": menu, "price": 10_000, "stock": 1_000_000_000}))
+            .send()
+            .await
+            .with_context(|| format!("setting up the menu at {url}"))?;
+        anyhow::ensure!(res.status().is_success(), "menu setup: {}", res.status());
+    }
+
+    let shared = Arc::new(Shared {
+        e2e: Mutex::new(Some(histogram())),
+        lag: Mutex::new(Some(histogram())),
+        ..Default::default()
+    });
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let placing = Arc::new(AtomicBool::new(true));
+    let budget = Arc::new(AtomicU64::new(args.max_orders));
+
+    let mut workers = Vec::new();
+    for w in 0..args.concurrency {
+        let (client, url, restaurant, shared, budget) = (
+            client.clone(),
+            url.clone(),
+            restaurant.clone(),
+            shared.clone(),
+            budget.clone(),
+        );
+        let run_id = run_id.clone();
+        workers.push(tokio::spawn(async move {
+            let mut place = histogram();
+            let mut n = 0u64;
+            while Instant::now() < deadline
+                && budget
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                    .is_ok()
+            {
+                // A new customer every 200 orders keeps each MyPage listing
+                // the follower reads short.
+                let customer = format!("bench-{run_id}-w{w}-{}", n / 200);
+                n += 1;
+                let body = json!({
+                    "customerId": customer, "restaurantId": restaurant,
+                    "items": [{"menuId": "bibimbap", "qty": 1}, {"menuId": "bulgogi", "qty": 1}],
+                    "address": "1 Jongno, Seoul"
+                });
+                let t = Instant::now();
+                match client.post(format!("{url}/orders")).json(&body).send().await {
+                    Ok(res) if res.status() == 201 => {
+                        let v: Value = match res.json().await {
+                            Ok(v) => v,
+                            Err(_) => {
+                                shared.error("bad_response");
+                                continue;
+                            }
+                        };
+                        let _ = place.record(t.elapsed().as_micros().max(1) as u64);
+                        shared.placed.fetch_add(1, Ordering::Relaxed);
+                        let id = v["id"].as_str().unwrap_or_default().to_owned();
+                        let created_at = v["createdAt"].as_str().and_then(parse_ms).unwrap_or(0);
+                        shared
+                            .pending
+                            .lock()
+                            .unwrap()
+                            .entry(customer)
+                            .or_default()
+                            .insert(id, Pending { created_at });
+                    }
+                    Ok(res) if res.status().is_server_error() => shared.error("http_5xx"),
+                    Ok(_) => shared.error("http_4xx"),
+                    Err(e) => shared.error(error_kind(&e)),
+                }
+            }
+            place
+        }));
+    }
+
+    let follower = {
+        let (client, url, shared, placing) =
+            (client.clone(), url.clone(), shared.clone(), placing.clone());
+        tokio::spawn(async move { follow(client, url, shared, placing, started).await })
+    };
+
+    let bar = progress_bar(args.progress);
+    let ticker = {
+        let (shared, bar) = (shared.clone(), bar.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                let done = shared.completed.load(Ordering::Relaxed);
+                bar.set_message(format!(
+                    "placed {}  completed {}  ({:.0} completed/s)",
+                    shared.placed.load(Ordering::Relaxed),
+                    done,
+                    done as f64 / secs
+                ));
+                bar.tick();
+            }
+        })
+    };
+
+    let mut place = histogram();
+    for w in workers {
+        place.add(w.await?).expect("same bounds");
+    }
+    let placed_for = started.elapsed();
+    // Drain: give the orders in flight time to finish.
+    let drain_until = Instant::now() + args.drain;
+    while Instant::now() < drain_until {
+        let left: usize = shared.pending.lock().unwrap().values().map(HashMap::len).sum();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    placing.store(false, Ordering::Relaxed);
+    follower.await?;
+    ticker.abort();
+    bar.finish_and_clear();
+
+    let unfinished: u64 = shared
+        .pending
+        .lock()
+        .unwrap()
+        .values()
+        .map(|m| m.len() as u64)
+        .sum();
+    if unfinished > 0 {
+        *shared
+            .errors
+            .lock()
+            .unwrap()
+            .entry("not_final".into())
+            .or_default() += unfinished;
+    }
+    let completed = shared.completed.load(Ordering::Relaxed);
+    let last = Duration::from_micros(shared.last_completion_us.load(Ordering::Relaxed));
+    let window = last.max(placed_for).as_secs_f64().max(0.001);
+    let e2e = shared.e2e.lock().unwrap().take().expect("once");
+    let lag = shared.lag.lock().unwrap().take().expect("once");
+    let errors = std::mem::take(&mut *shared.errors.lock().unwrap());
+    Ok(Report {
+        orders_placed: shared.placed.load(Ordering::Relaxed),
+        orders_completed: completed,
+        completed_per_sec: (completed as f64 / window * 10.0).round() / 10.0,
+        place_latency_ms: percentiles_ms(&place),
+        end_to_end_latency_ms: percentiles_ms(&e2e),
+        mypage_lag_ms: percentiles_ms(&lag),
+        errors,
+        duration_secs: (placed_for.as_secs_f64() * 100.0).round() / 100.0,
+        concurrency: args.concurrency,
+    })
+}
+
+fn progress_bar(show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .expect("static template"),
+    );
+    bar
+}
+
+/// Polls MyPage for customers with unfinished orders until told to stop.
+async fn follow(
+    client: reqwest::Client,
+    url: String,
+    shared: Arc<Shared>,
+    placing: Arc<AtomicBool>,
+    started: Instant,
+) {
+    const FINAL: [&str; 3] = ["DELIVERED", "REJECTED", "CANCELLED"];
+    loop {
+        let keep_going = placing.load(Ordering::Relaxed);
+        let customers: Vec<String> = shared
+            .pending
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(c, _)| c.clone())
+            .collect();
+        for customer in customers {
+            let res = client
+                .get(format!("{url}/mypages?customerId={customer}"))
+                .send()
+                .await;
+            let Ok(res) = res else { continue };
+            let Ok(views) = res.json::<Vec<Value>>().await else {
+                continue;
+            };
+            for v in views {
+                let status = v["orderStatus"].as_str().unwrap_or_default();
+                if !FINAL.contains(&status) {
+                    continue;
+                }
+                let id = v["orderId"].as_str().unwrap_or_default();
+                let Some(p) = shared
+                    .pending
+                    .lock()
+                    .unwrap()
+                    .get_mut(&customer)
+                    .and_then(|m| m.remove(id))
+                else {
+                    continue;
+                };
+                if status != "DELIVERED" {
+                    shared.error(&format!("order_{}", status.to_lowercase()));
+                    continue;
+                }
+                shared.completed.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .last_completion_us
+                    .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let updated = v["updatedAt"].as_str().and_then(parse_ms);
+                let projected = v["projectedAt"].as_str().and_then(parse_ms);
+                if let Some(u) = updated {
+                    let e2e_us = ((u - p.created_at).max(0) as u64 * 1000).max(1);
+                    let _ = shared.e2e.lock().unwrap().as_mut().unwrap().record(e2e_us);
+                    if let Some(pr) = projected {
+                        let lag_us = ((pr - u).max(0) as u64 * 1000).max(1);
+                        let _ = shared.lag.lock().unwrap().as_mut().unwrap().record(lag_us);
+                    }
+                }
+            }
+        }
+        if !keep_going {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Report {
+    pub fn human(&self) -> String {
+        let p = |x: &Percentiles| {
+            format!(
+                "p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+                x.p50, x.p95, x.p99, x.max
+            )
+        };
+        let errors = if self.errors.is_empty() {
+            "none".to_owned()
+        } else {
+            self.errors
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        format!(
+            "orders placed:          {}\n\
+             orders completed:       {} (reached DELIVERED on MyPage)\n\
+             completed orders/s:     {:.1} (completed / time from the first placement to the last completion)\n\
+             placement latency ms:   {}\n\
+             placed→delivered ms:    p50 {:.2}  p99 {:.2}\n\
+             MyPage staleness ms:    p50 {:.2}  p99 {:.2}\n\
+             errors:                 {errors}\n\
+             ({} clients for {:.1} s)",
+            self.orders_placed,
+            self.orders_completed,
+            self.completed_per_sec,
+            p(&self.place_latency_ms),
+            self.end_to_end_latency_ms.p50,
+            self.end_to_end_latency_ms.p99,
+            self.mypage_lag_ms.p50,
+            self.mypage_lag_ms.p99,
+            self.concurrency,
+            self.duration_secs,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_is_a_target() {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:8080/",
+            "http://127.0.0.1",
+        ] {
+            assert!(check_loopback(ok).is_ok(), "{ok}");
+        }
+        for bad in ["http://10.0.0.1:8080", "http://example.com", "http://127.0.0.2.nip.io"] {
+            assert!(check_loopback(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn percentiles_are_ordered_and_in_milliseconds() {
+        let mut h = histogram();
+        for us in 1..=1000u64 {
+            h.record(us * 10).unwrap();
+        }
+        let p = percentiles_ms(&h);
+        assert!(p.p50 <= p.p95 && p.p95 <= p.p99 && p.p99 <= p.max);
+        assert!((p.p50 - 5.0).abs() < 0.05, "{p:?}");
+        assert!((p.max - 10.0).abs() < 0.05, "{p:?}");
+        assert_eq!(percentiles_ms(&histogram()).max, 0.0);
+    }
+
+    #[test]
+    fn parses_the_apis_timestamps() {
+        assert_eq!(parse_ms("2023-11-14T22:13:20.123Z"), Some(1_700_000_000_123));
+        assert_eq!(parse_ms("nonsense"), None);
+    }
+}
