@@ -197,7 +197,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                     "address": "1 Jongno, Seoul"
                 });
                 let t = Instant::now();
-                match client.post(format!("{url}/orders")).json(&body).send().await {
+                match client
+                    .post(format!("{url}/orders"))
+                    .json(&body)
+                    .send()
+                    .await
+                {
                     Ok(res) if res.status() == 201 => {
                         let v: Value = match res.json().await {
                             Ok(v) => v,
@@ -260,7 +265,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     // Drain: give the orders in flight time to finish.
     let drain_until = Instant::now() + args.drain;
     while Instant::now() < drain_until {
-        let left: usize = shared.pending.lock().unwrap().values().map(HashMap::len).sum();
+        let left: usize = shared
+            .pending
+            .lock()
+            .unwrap()
+            .values()
+            .map(HashMap::len)
+            .sum();
         if left == 0 {
             break;
         }
@@ -441,7 +452,11 @@ mod tests {
         ] {
             assert!(check_loopback(ok).is_ok(), "{ok}");
         }
-        for bad in ["http://10.0.0.1:8080", "http://example.com", "http://127.0.0.2.nip.io"] {
+        for bad in [
+            "http://10.0.0.1:8080",
+            "http://example.com",
+            "http://127.0.0.2.nip.io",
+        ] {
             assert!(check_loopback(bad).is_err(), "{bad}");
         }
     }
@@ -461,7 +476,10 @@ mod tests {
 
     #[test]
     fn parses_the_apis_timestamps() {
-        assert_eq!(parse_ms("2023-11-14T22:13:20.123Z"), Some(1_700_000_000_123));
+        assert_eq!(
+            parse_ms("2023-11-14T22:13:20.123Z"),
+            Some(1_700_000_000_123)
+        );
         assert_eq!(parse_ms("nonsense"), None);
     }
 }

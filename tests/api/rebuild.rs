@@ -48,13 +48,23 @@ async fn a_wiped_read_model_is_rebuilt_from_the_event_history() {
     app.wait_status(&rejected, "REJECTED").await;
     let mut before = Vec::new();
     for id in [&delivered, &rejected] {
-        let v = app
-            .wait_mypage(id, |v| {
-                matches!(v["orderStatus"].as_str(), Some("DELIVERED" | "REJECTED"))
-                    && v["deliveryStatus"] != "DELIVERING"
-            })
-            .await;
-        before.push(without_projection_time(v));
+        app.wait_mypage(id, |v| {
+            matches!(v["orderStatus"].as_str(), Some("DELIVERED" | "REJECTED"))
+                && v["deliveryStatus"] != "DELIVERING"
+        })
+        .await;
+        // The last events (OrderDelivered, OrderRejected) add no status, only
+        // time: wait until the view stops changing.
+        let mut last = Value::Null;
+        loop {
+            let v = without_projection_time(app.get_ok(&format!("/mypages/{id}")).await);
+            if v == last {
+                break;
+            }
+            last = v;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        before.push(last);
     }
 
     // The read model is lost.

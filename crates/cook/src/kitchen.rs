@@ -167,15 +167,14 @@ pub async fn cancel_order(
     })
 }
 
-/// Marks a ticket cooked. `None` if there is no such ticket.
-pub async fn complete(
+/// Marks a ticket cooked inside `tx`. `None` if there is no such ticket.
+async fn complete_in(
     app: &App,
+    tx: &mut Tx,
     id: &str,
     cause: &Cause,
 ) -> Result<Option<(Ticket, CompleteOutcome)>, sqlx::Error> {
-    let mut tx = app.ctx.db.begin().await?;
-    let Some(mut ticket) =
-        store::ticket_for_update(&app.ctx.db, &mut tx, TicketKey::Id, id).await?
+    let Some(mut ticket) = store::ticket_for_update(&app.ctx.db, tx, TicketKey::Id, id).await?
     else {
         return Ok(None);
     };
@@ -184,26 +183,43 @@ pub async fn complete(
         ticket.status = CookStatus::Cooked;
         ticket.complete_at = None;
         ticket.updated_at = now_ms();
-        store::update_ticket(&mut tx, &ticket).await?;
+        store::update_ticket(tx, &ticket).await?;
         let ev = Event::CookCompleted(CookCompleted {
             cook_id: ticket.id.clone(),
             restaurant_id: ticket.restaurant_id.clone(),
             address: ticket.address.clone(),
         });
-        emit(&mut tx, &ticket.order_id, ev, cause).await?;
-        tx.commit().await?;
-        app.ctx.outbox.notify();
+        emit(tx, &ticket.order_id, ev, cause).await?;
         metrics::counter!("cook_orders_completed_total").increment(1);
     }
     Ok(Some((ticket, outcome)))
 }
 
-/// One pass of the automatic-completion timer.
+/// Marks a ticket cooked. `None` if there is no such ticket.
+pub async fn complete(
+    app: &App,
+    id: &str,
+    cause: &Cause,
+) -> Result<Option<(Ticket, CompleteOutcome)>, sqlx::Error> {
+    let mut tx = app.ctx.db.begin().await?;
+    let done = complete_in(app, &mut tx, id, cause).await?;
+    tx.commit().await?;
+    app.ctx.outbox.notify();
+    Ok(done)
+}
+
+/// One pass of the automatic-completion timer: every due ticket (up to a
+/// batch) completes in one transaction — one commit for many dishes.
 pub async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
     const BATCH: i64 = 256;
     let due = store::due_tickets(&app.ctx.db, now_ms(), BATCH).await?;
-    for id in &due {
-        complete(app, id, &Cause::default()).await?;
+    if !due.is_empty() {
+        let mut tx = app.ctx.db.begin().await?;
+        for id in &due {
+            complete_in(app, &mut tx, id, &Cause::default()).await?;
+        }
+        tx.commit().await?;
+        app.ctx.outbox.notify();
     }
     if due.len() as i64 == BATCH {
         return Ok(Some(now_ms()));

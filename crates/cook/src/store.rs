@@ -273,7 +273,7 @@ pub async fn ticket(db: &Db, key: TicketKey, value: &str) -> Result<Option<Ticke
 pub async fn due_tickets(db: &Db, now: i64, limit: i64) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT id FROM cooks WHERE status = 'COOKING' AND complete_at IS NOT NULL \
-         AND complete_at <= $1 ORDER BY complete_at LIMIT $2",
+         AND complete_at <= $1 ORDER BY complete_at, id LIMIT $2",
     )
     .bind(now)
     .bind(limit)

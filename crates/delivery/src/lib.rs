@@ -160,27 +160,32 @@ async fn start_delivery(
 /// delivered one again changes nothing.
 async fn complete(app: &App, id: &str, cause: &Cause) -> Result<Option<Delivery>, sqlx::Error> {
     let mut tx = app.ctx.db.begin().await?;
+    complete_in(&mut tx, id, cause).await?;
+    tx.commit().await?;
+    app.ctx.outbox.notify();
+    find(&app.ctx.db, "id", id).await
+}
+
+/// Marks a delivery done inside `tx`, publishing the event, if it is on its
+/// way (a guarded transition: completing twice publishes once).
+async fn complete_in(tx: &mut Tx, id: &str, cause: &Cause) -> Result<(), sqlx::Error> {
     let done = sqlx::query(
         "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL, updated_at = $2 \
          WHERE id = $1 AND status = 'DELIVERING' RETURNING order_id",
     )
     .bind(id)
     .bind(now_ms())
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut **tx)
     .await?;
     if let Some(row) = done {
         let order_id: String = row.try_get(0)?;
         let ev = Event::DeliveryCompleted(DeliveryRef {
             delivery_id: id.to_owned(),
         });
-        outbox::emit(&mut tx, NAME, &order_id, &ev, cause).await?;
-        tx.commit().await?;
-        app.ctx.outbox.notify();
+        outbox::emit(tx, NAME, &order_id, &ev, cause).await?;
         metrics::counter!("deliveries_completed_total").increment(1);
-    } else {
-        tx.rollback().await?;
     }
-    find(&app.ctx.db, "id", id).await
+    Ok(())
 }
 
 async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
@@ -188,14 +193,20 @@ async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
     let db = &app.ctx.db;
     let due: Vec<String> = sqlx::query_scalar(
         "SELECT id FROM deliveries WHERE status = 'DELIVERING' AND complete_at IS NOT NULL \
-         AND complete_at <= $1 ORDER BY complete_at LIMIT $2",
+         AND complete_at <= $1 ORDER BY complete_at, id LIMIT $2",
     )
     .bind(now_ms())
     .bind(BATCH)
     .fetch_all(db.reader())
     .await?;
-    for id in &due {
-        complete(app, id, &Cause::default()).await?;
+    if !due.is_empty() {
+        // Every due delivery in one transaction: one commit for many.
+        let mut tx = db.begin().await?;
+        for id in &due {
+            complete_in(&mut tx, id, &Cause::default()).await?;
+        }
+        tx.commit().await?;
+        app.ctx.outbox.notify();
     }
     if due.len() as i64 == BATCH {
         return Ok(Some(now_ms()));
