@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of one shape: starts the system on a fresh data
+# directory with automatic cook/delivery at 0, runs `restaurant bench`
+# against it, samples the server's resident memory during the run, and
+# prints the report. Loopback only; bounded by --duration.
+#
+#   bench/e2e.sh [embedded|embedded-nofsync|distributed] [duration] [concurrency]
+#
+# distributed needs PostgreSQL and NATS (scripts/services.sh); it uses a fresh
+# database and stream and drops them afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shape=${1:-embedded}
+duration=${2:-30s}
+concurrency=${3:-64}
+bin=target/release/restaurant
+[ -x "$bin" ] || cargo build --release
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+dir=$(mktemp -d)
+args=(up --port "$port" --data-dir "$dir" --cook-time 0 --delivery-time 0)
+db=""
+case "$shape" in
+  embedded) ;;
+  embedded-nofsync) args+=(--no-fsync) ;;
+  distributed)
+    db="rt_bench_$$"
+    psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db"
+    args+=(--database-url "postgres://postgres@127.0.0.1:5432/$db" --nats-url nats://127.0.0.1:4222 --stream "$db")
+    ;;
+  *) echo "unknown shape $shape" >&2; exit 2 ;;
+esac
+RUST_LOG=warn "$bin" "${args[@]}" > "$dir/up.log" 2>&1 &
+pid=$!
+cleanup() {
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  if [ -n "$db" ]; then
+    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
+  fi
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+for _ in $(seq 1 200); do
+  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
+  sleep 0.05
+done
+maxrss=0
+( while kill -0 "$pid" 2>/dev/null; do
+    rss=$(ps -o rss= -p "$pid" | tr -d ' ')
+    [ -n "$rss" ] && [ "$rss" -gt "$maxrss" ] && maxrss=$rss && echo "$maxrss" > "$dir/rss"
+    sleep 0.5
+  done ) &
+"$bin" bench --url "http://127.0.0.1:$port" --duration "$duration" --concurrency "$concurrency" \
+  --json "$dir/report.json" 2>/dev/null
+echo "server max RSS: $(( $(cat "$dir/rss" 2>/dev/null || echo 0) / 1024 )) MiB (one process, all services)"
+echo "shape: $shape, $(nproc) cores, duration $duration, concurrency $concurrency"
