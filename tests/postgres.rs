@@ -111,7 +111,7 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
             .unwrap(),
         Some(("fp".into(), o.id.clone()))
     );
-    store::insert(&mut tx, &o).await.unwrap();
+    store::insert_all(&mut tx, &[&o]).await.unwrap();
     outbox::emit(&mut tx, "order", &o.id, &ev, &Cause::default())
         .await
         .unwrap();

@@ -1,7 +1,7 @@
 //! The kitchen's SQL: menus with stock, cook tickets, cancel tombstones.
 
-use restaurant_contract::{OrderLine, Shortage, now_ms};
-use restaurant_platform::db::{Db, Tx};
+use restaurant_contract::{CookCompleted, OrderLine, Shortage, now_ms};
+use restaurant_platform::db::{Db, Tx, placeholders};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
 use crate::domain::{CookStatus, MenuItem, Ticket};
@@ -267,6 +267,39 @@ pub async fn ticket(db: &Db, key: TicketKey, value: &str) -> Result<Option<Ticke
     .await?
     .map(|r| ticket_from_row(&r))
     .transpose()
+}
+
+/// Marks the tickets among `ids` that are still cooking as cooked, and
+/// returns what each one's `CookCompleted` says, with its order id.
+pub async fn mark_cooked(
+    tx: &mut Tx,
+    ids: &[String],
+    now: i64,
+) -> Result<Vec<(String, CookCompleted)>, sqlx::Error> {
+    let mut done = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE cooks SET status = 'COOKED', complete_at = NULL, updated_at = $1 \
+             WHERE status = 'COOKING' AND id IN ({}) \
+             RETURNING id, order_id, restaurant_id, address",
+            placeholders(2, chunk.len())
+        )))
+        .bind(now);
+        for id in chunk {
+            q = q.bind(id);
+        }
+        for row in q.fetch_all(&mut **tx).await? {
+            done.push((
+                row.try_get(1)?,
+                CookCompleted {
+                    cook_id: row.try_get(0)?,
+                    restaurant_id: row.try_get(2)?,
+                    address: row.try_get(3)?,
+                },
+            ));
+        }
+    }
+    Ok(done)
 }
 
 /// Tickets whose automatic completion is due at `now`.

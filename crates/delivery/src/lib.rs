@@ -16,7 +16,7 @@ use restaurant_contract::{
 };
 use restaurant_platform::{
     consumer::{HandleError, Handler},
-    db::{Db, Migrations, Tx},
+    db::{Db, Migrations, Tx, placeholders},
     http::{Json, Path, Problem, Query, RequestContext, required},
     outbox, rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -120,72 +120,102 @@ pub struct App {
     pub timer_wake: Arc<Notify>,
 }
 
-/// Cooking is done: start the delivery (once per order).
-async fn start_delivery(
+/// Cooking is done: start the deliveries (once per order), a batch of
+/// orders with one insert and one outbox append.
+async fn start_deliveries(
     app: &App,
     tx: &mut Tx,
-    order_id: &str,
-    cooked: &CookCompleted,
-    cause: &Cause,
+    cooked: &[(&Envelope, &CookCompleted)],
 ) -> Result<(), sqlx::Error> {
     let now = now_ms();
-    let id = new_id();
-    let inserted = sqlx::query(
-        "INSERT INTO deliveries (id, order_id, cook_id, address, status, complete_at, \
-         created_at, updated_at) VALUES ($1, $2, $3, $4, 'DELIVERING', $5, $6, $6) \
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(&id)
-    .bind(order_id)
-    .bind(&cooked.cook_id)
-    .bind(&cooked.address)
-    .bind(app.delivery_time.map(|d| now + d.as_millis() as i64))
-    .bind(now)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if inserted {
-        let ev = Event::DeliveryStarted(DeliveryStarted {
-            delivery_id: id,
-            cook_id: cooked.cook_id.clone(),
-            address: cooked.address.clone(),
-        });
-        outbox::emit(tx, NAME, order_id, &ev, cause).await?;
+    let complete_at = app.delivery_time.map(|d| now + d.as_millis() as i64);
+    let mut events = Vec::with_capacity(cooked.len());
+    for chunk in cooked.chunks(200) {
+        let values = (0..chunk.len())
+            .map(|i| {
+                let p = i * 4;
+                format!(
+                    "(${}, ${}, ${}, ${}, 'DELIVERING', $1, $2, $2)",
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO deliveries (id, order_id, cook_id, address, status, complete_at, \
+             created_at, updated_at) VALUES {values} \
+             ON CONFLICT (order_id) DO NOTHING RETURNING id, order_id"
+        )))
+        .bind(complete_at)
+        .bind(now);
+        let ids: Vec<String> = chunk.iter().map(|_| new_id()).collect();
+        for (id, (env, c)) in ids.iter().zip(chunk) {
+            q = q
+                .bind(id)
+                .bind(&env.order_id)
+                .bind(&c.cook_id)
+                .bind(&c.address);
+        }
+        let mut started: std::collections::HashMap<String, String> = q
+            .fetch_all(&mut **tx)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>(1)?, r.try_get::<String, _>(0)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        // An order already delivering (a second CookCompleted) starts nothing.
+        for (env, c) in chunk {
+            if let Some(id) = started.remove(&env.order_id) {
+                let ev = Event::DeliveryStarted(DeliveryStarted {
+                    delivery_id: id,
+                    cook_id: c.cook_id.clone(),
+                    address: c.address.clone(),
+                });
+                events.push(Envelope::new(NAME, &env.order_id, &ev, &env.as_cause()));
+            }
+        }
     }
-    Ok(())
+    outbox::append_all(tx, &events).await
 }
 
 /// Completes a delivery; `None` if there is no such delivery. Completing a
 /// delivered one again changes nothing.
 async fn complete(app: &App, id: &str, cause: &Cause) -> Result<Option<Delivery>, sqlx::Error> {
     let mut tx = app.ctx.db.begin().await?;
-    complete_in(&mut tx, id, cause).await?;
+    complete_in(&mut tx, &[id.to_owned()], cause).await?;
     tx.commit().await?;
     app.ctx.outbox.notify();
     find(&app.ctx.db, "id", id).await
 }
 
-/// Marks a delivery done inside `tx`, publishing the event, if it is on its
-/// way (a guarded transition: completing twice publishes once).
-async fn complete_in(tx: &mut Tx, id: &str, cause: &Cause) -> Result<(), sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL, updated_at = $2 \
-         WHERE id = $1 AND status = 'DELIVERING' RETURNING order_id",
-    )
-    .bind(id)
-    .bind(now_ms())
-    .fetch_optional(&mut **tx)
-    .await?;
-    if let Some(row) = done {
-        let order_id: String = row.try_get(0)?;
-        let ev = Event::DeliveryCompleted(DeliveryRef {
-            delivery_id: id.to_owned(),
-        });
-        outbox::emit(tx, NAME, &order_id, &ev, cause).await?;
-        metrics::counter!("deliveries_completed_total").increment(1);
+/// Marks the deliveries among `ids` that are on their way as delivered and
+/// publishes their events (a guarded transition: completing twice
+/// publishes once).
+async fn complete_in(tx: &mut Tx, ids: &[String], cause: &Cause) -> Result<(), sqlx::Error> {
+    let now = now_ms();
+    let mut events = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL, updated_at = $1 \
+             WHERE status = 'DELIVERING' AND id IN ({}) RETURNING id, order_id",
+            placeholders(2, chunk.len())
+        )))
+        .bind(now);
+        for id in chunk {
+            q = q.bind(id);
+        }
+        for row in q.fetch_all(&mut **tx).await? {
+            let order_id: String = row.try_get(1)?;
+            let ev = Event::DeliveryCompleted(DeliveryRef {
+                delivery_id: row.try_get(0)?,
+            });
+            events.push(Envelope::new(NAME, &order_id, &ev, cause));
+        }
     }
-    Ok(())
+    metrics::counter!("deliveries_completed_total").increment(events.len() as u64);
+    outbox::append_all(tx, &events).await
 }
 
 async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
@@ -202,9 +232,7 @@ async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
     if !due.is_empty() {
         // Every due delivery in one transaction: one commit for many.
         let mut tx = db.begin().await?;
-        for id in &due {
-            complete_in(&mut tx, id, &Cause::default()).await?;
-        }
+        complete_in(&mut tx, &due, &Cause::default()).await?;
         tx.commit().await?;
         app.ctx.outbox.notify();
     }
@@ -227,9 +255,22 @@ impl Handler for DeliveryEvents {
     const TYPES: &'static [&'static str] = &["CookCompleted"];
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
-        if let Event::CookCompleted(cooked) = event {
-            start_delivery(&self.0, tx, &env.order_id, &cooked, &env.as_cause()).await?;
-        }
+        self.handle_batch(tx, vec![(env.clone(), event)]).await
+    }
+
+    async fn handle_batch(
+        &self,
+        tx: &mut Tx,
+        batch: Vec<(Envelope, Event)>,
+    ) -> Result<(), HandleError> {
+        let cooked: Vec<_> = batch
+            .iter()
+            .filter_map(|(env, event)| match event {
+                Event::CookCompleted(c) => Some((env, c)),
+                _ => None,
+            })
+            .collect();
+        start_deliveries(&self.0, tx, &cooked).await?;
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use restaurant_contract::{Envelope, Event, OrderLine};
 use restaurant_platform::{
     bus::Bus,
     consumer::{HandleError, Handler},
-    db::{Db, Migrations, Tx},
+    db::{Db, Migrations, Tx, placeholders},
     http::{Json, Path, Problem, Query, required},
     rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -68,70 +68,108 @@ fn from_row(r: &AnyRow) -> Result<Stored, sqlx::Error> {
     })
 }
 
-/// Applies one event to its order's view inside the consumer's transaction.
-async fn project(db: &Db, tx: &mut Tx, env: &Envelope, event: &Event) -> Result<(), sqlx::Error> {
-    project_into(db, tx, "views", env, event).await
-}
-
-/// Applies one event to its order's view in `table`.
-async fn project_into(
+/// Applies a batch of events (in log order) to their orders' views in
+/// `table` with a fixed number of statements, whatever the batch's size:
+/// create the missing rows, read (and on PostgreSQL lock) every row the
+/// batch touches, fold the events in memory, write back the changed views.
+async fn project_batch(
     db: &Db,
     tx: &mut Tx,
     table: &str,
-    env: &Envelope,
-    event: &Event,
+    batch: &[(Envelope, Event)],
 ) -> Result<(), sqlx::Error> {
-    // Make sure the row exists so it can be locked: two replicas applying
-    // events of one order must not lose each other's update.
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {table} (order_id, facts, updated_at, projected_at) VALUES ($1, 0, 0, 0) \
-         ON CONFLICT (order_id) DO NOTHING"
-    )))
-    .bind(&env.order_id)
-    .execute(&mut **tx)
-    .await?;
-    let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM {table} WHERE order_id = $1{}",
-        db.lock_suffix()
-    )))
-    .bind(&env.order_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    let mut view = from_row(&row)?.view;
-    let before = view.clone();
-    let now = restaurant_contract::now_ms();
-    view.apply(event, env.occurred_at);
-    if view == before {
-        return Ok(());
+    // Sorted, so replicas lock rows in one order and cannot deadlock.
+    let ids: Vec<&str> = batch
+        .iter()
+        .map(|(env, _)| env.order_id.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut views = std::collections::HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        // Make sure the rows exist so they can be locked: two replicas
+        // applying events of one order must not lose each other's update.
+        let values = (1..=chunk.len())
+            .map(|i| format!("(${i}, 0, 0, 0)"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut insert = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {table} (order_id, facts, updated_at, projected_at) VALUES {values} \
+             ON CONFLICT (order_id) DO NOTHING"
+        )));
+        for id in chunk {
+            insert = insert.bind(*id);
+        }
+        insert.execute(&mut **tx).await?;
+        let mut select = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM {table} WHERE order_id IN ({}) ORDER BY order_id{}",
+            placeholders(1, chunk.len()),
+            db.lock_suffix()
+        )));
+        for id in chunk {
+            select = select.bind(*id);
+        }
+        for row in select.fetch_all(&mut **tx).await? {
+            let stored = from_row(&row)?;
+            views.insert(
+                stored.view.order_id.clone(),
+                (stored.view.clone(), stored.view),
+            );
+        }
     }
-    sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {table} SET customer_id = $2, restaurant_id = $3, items = $4, facts = $5, \
-         cook_id = $6, delivery_id = $7, reject_reason = $8, cancel_reason = $9, \
-         refuse_reason = $10, updated_at = $11, projected_at = $12 WHERE order_id = $1"
-    )))
-    .bind(&view.order_id)
-    .bind(&view.customer_id)
-    .bind(&view.restaurant_id)
-    .bind(
-        view.items
-            .as_ref()
-            .map(|i| serde_json::to_string(i).expect("serializes")),
-    )
-    .bind(view.facts)
-    .bind(&view.cook_id)
-    .bind(&view.delivery_id)
-    .bind(&view.reject_reason)
-    .bind(&view.cancel_reason)
-    .bind(&view.refuse_reason)
-    .bind(view.updated_at)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    // How far the view trails the event: the CQRS staleness.
-    let lag = (now - env.occurred_at).max(0) as f64 / 1000.0;
-    metrics::histogram!("mypage_staleness_seconds").record(lag);
+    let now = restaurant_contract::now_ms();
+    for (env, event) in batch {
+        if let Some((view, _)) = views.get_mut(&env.order_id) {
+            view.apply(event, env.occurred_at);
+        }
+        // How far the view trails the event: the CQRS staleness.
+        let lag = (now - env.occurred_at).max(0) as f64 / 1000.0;
+        metrics::histogram!("mypage_staleness_seconds").record(lag);
+    }
+    let changed: Vec<&View> = views
+        .values()
+        .filter(|(view, before)| view != before)
+        .map(|(view, _)| view)
+        .collect();
+    for chunk in changed.chunks(CHUNK / 12) {
+        let values = (0..chunk.len())
+            .map(|i| format!("({})", placeholders(i * 12 + 1, 12)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut upsert = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {table} ({COLUMNS}) VALUES {values} ON CONFLICT (order_id) DO UPDATE SET \
+             customer_id = excluded.customer_id, restaurant_id = excluded.restaurant_id, \
+             items = excluded.items, facts = excluded.facts, cook_id = excluded.cook_id, \
+             delivery_id = excluded.delivery_id, reject_reason = excluded.reject_reason, \
+             cancel_reason = excluded.cancel_reason, refuse_reason = excluded.refuse_reason, \
+             updated_at = excluded.updated_at, projected_at = excluded.projected_at"
+        )));
+        for view in chunk {
+            upsert = upsert
+                .bind(&view.order_id)
+                .bind(&view.customer_id)
+                .bind(&view.restaurant_id)
+                .bind(
+                    view.items
+                        .as_ref()
+                        .map(|i| serde_json::to_string(i).expect("serializes")),
+                )
+                .bind(view.facts)
+                .bind(&view.cook_id)
+                .bind(&view.delivery_id)
+                .bind(&view.reject_reason)
+                .bind(&view.cancel_reason)
+                .bind(&view.refuse_reason)
+                .bind(view.updated_at)
+                .bind(now);
+        }
+        upsert.execute(&mut **tx).await?;
+    }
     Ok(())
 }
+
+/// Bind parameters per statement: far below SQLite's and PostgreSQL's limits.
+const CHUNK: usize = 1200;
 
 /// The view table's shape, for a rebuild's fresh table; the same as
 /// `migrations/0100_views.sql` (the rebuild test reads rebuilt views through
@@ -170,19 +208,20 @@ async fn replay_into(
         let Some(end) = batch.last().map(|d| d.position) else {
             return Ok(last);
         };
+        // What does not decode was parked by the live consumer; a rebuild
+        // skips it the same way.
+        let items: Vec<(Envelope, Event)> = batch
+            .iter()
+            .filter_map(|d| {
+                let env = Envelope::from_json(d.payload.as_bytes()).ok()?;
+                let event = env.event().ok()??;
+                Some((env, event))
+            })
+            .collect();
         let mut tx = db.begin().await?;
-        for d in &batch {
-            // What does not decode was parked by the live consumer; a
-            // rebuild skips it the same way.
-            let Ok(env) = Envelope::from_json(d.payload.as_bytes()) else {
-                continue;
-            };
-            if let Ok(Some(event)) = env.event() {
-                project_into(db, &mut tx, table, &env, &event).await?;
-                *events += 1;
-            }
-        }
+        project_batch(db, &mut tx, table, &items).await?;
         tx.commit().await?;
+        *events += items.len() as u64;
         last = end;
     }
 }
@@ -229,7 +268,16 @@ impl Handler for MyPageEvents {
     const TYPES: &'static [&'static str] = Event::TYPES;
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
-        project(&self.0, tx, env, &event).await?;
+        project_batch(&self.0, tx, "views", &[(env.clone(), event)]).await?;
+        Ok(())
+    }
+
+    async fn handle_batch(
+        &self,
+        tx: &mut Tx,
+        batch: Vec<(Envelope, Event)>,
+    ) -> Result<(), HandleError> {
+        project_batch(&self.0, tx, "views", &batch).await?;
         Ok(())
     }
 }

@@ -1,13 +1,16 @@
 //! How the order service reacts to the kitchen and the delivery: the order
 //! side of the saga. The rules are in [`crate::domain::Order::apply`].
 
-use restaurant_contract::{Envelope, Event};
+use std::collections::{BTreeSet, HashMap};
+
+use restaurant_contract::{Envelope, Event, now_ms};
 use restaurant_platform::{
     consumer::{HandleError, Handler},
     db::Tx,
+    outbox,
 };
 
-use crate::App;
+use crate::{App, domain::Order, store};
 
 pub struct OrderEvents(pub App);
 
@@ -21,6 +24,54 @@ impl Handler for OrderEvents {
         "DeliveryCompleted",
     ];
 
+    /// The batch as a few set-based statements: load every order it
+    /// touches, run the state machine in memory, save what changed and
+    /// append the resulting events.
+    async fn handle_batch(
+        &self,
+        tx: &mut Tx,
+        batch: Vec<(Envelope, Event)>,
+    ) -> Result<(), HandleError> {
+        let ids: Vec<&str> = batch
+            .iter()
+            .map(|(env, _)| env.order_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut orders: HashMap<String, (Order, Order)> =
+            store::load_many_for_update(&self.0.ctx.db, tx, &ids)
+                .await?
+                .into_iter()
+                .map(|o| (o.id.clone(), (o.clone(), o)))
+                .collect();
+        let mut out = Vec::new();
+        for (env, event) in &batch {
+            let Some((order, _)) = orders.get_mut(&env.order_id) else {
+                return Err(unknown(&env.order_id));
+            };
+            if let Some(next) = order.apply(event) {
+                out.push(Envelope::new(
+                    crate::NAME,
+                    &env.order_id,
+                    &next,
+                    &env.as_cause(),
+                ));
+            }
+        }
+        let now = now_ms();
+        let changed: Vec<&Order> = orders
+            .values_mut()
+            .filter(|(order, before)| order != before)
+            .map(|(order, _)| {
+                order.updated_at = now;
+                &*order
+            })
+            .collect();
+        store::save_all(tx, &changed).await?;
+        outbox::append_all(tx, &out).await?;
+        Ok(())
+    }
+
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
         let cause = env.as_cause();
         let found =
@@ -29,10 +80,11 @@ impl Handler for OrderEvents {
             Some(_) => Ok(()),
             // Every order id on the bus was minted here; an unknown one is a
             // foreign or corrupt event, and retrying will not make it known.
-            None => Err(HandleError::Permanent(format!(
-                "event for unknown order {}",
-                env.order_id
-            ))),
+            None => Err(unknown(&env.order_id)),
         }
     }
+}
+
+fn unknown(order_id: &str) -> HandleError {
+    HandleError::Permanent(format!("event for unknown order {order_id}"))
 }

@@ -5,11 +5,15 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use restaurant_contract::{Cause, Event, OrderLine, new_id, now_ms};
+use std::future::Future;
+
+use restaurant_contract::{Cause, Envelope, Event, OrderLine, new_id, now_ms};
 use restaurant_platform::{
-    db::Tx,
+    batch::Batcher,
+    db::{Db, Tx},
     http::{Json, Path, Problem, Query, RequestContext, required},
-    outbox, rfc3339,
+    outbox::{self, OutboxSignal},
+    rfc3339,
 };
 use serde::{Deserialize, Serialize};
 
@@ -111,30 +115,126 @@ pub async fn place(
     .map_err(Problem::validation)?;
     let fingerprint = new.fingerprint();
     let (order, event) = new.place(new_id());
-    let mut tx = app.ctx.db.begin().await?;
-    if let Some(key) = &key
-        && let Some((earlier, order_id)) =
-            store::claim_key(&mut tx, key, &fingerprint, &order.id, order.created_at).await?
-    {
-        tx.rollback().await?;
-        if earlier != fingerprint {
-            return Err(Problem::validation(
-                "this Idempotency-Key was already used for a different request",
-            )
-            .with("orderId", order_id));
+    let placement = Placement {
+        env: Envelope::new(crate::NAME, &order.id, &event, &ctx.cause()),
+        key,
+        fingerprint,
+        order,
+    };
+    let placed = app
+        .placer
+        .submit(placement)
+        .await
+        .ok_or_else(|| Problem::unavailable("the order service is shutting down"))?
+        .map_err(|e| Problem::internal(format!("placing the order failed: {e}")))?;
+    match placed {
+        Placed::Created(order) => {
+            tracing::info!(order_id = %order.id, request_id = %ctx.request_id, "order placed");
+            Ok(created(order, false))
         }
-        let existing = store::get(&app.ctx.db, &order_id)
-            .await?
-            .ok_or_else(|| Problem::internal("idempotency key points to a missing order"))?;
-        return Ok(created(existing, true));
+        Placed::Earlier {
+            same_request: false,
+            order_id,
+        } => Err(Problem::validation(
+            "this Idempotency-Key was already used for a different request",
+        )
+        .with("orderId", order_id)),
+        Placed::Earlier { order_id, .. } => {
+            let existing = store::get(&app.ctx.db, &order_id)
+                .await?
+                .ok_or_else(|| Problem::internal("idempotency key points to a missing order"))?;
+            Ok(created(existing, true))
+        }
     }
-    store::insert(&mut tx, &order).await?;
-    outbox::emit(&mut tx, crate::NAME, &order.id, &event, &ctx.cause()).await?;
+}
+
+/// One order to place, validated and built, waiting for its batch.
+pub struct Placement {
+    key: Option<String>,
+    fingerprint: String,
+    order: Order,
+    env: Envelope,
+}
+
+pub enum Placed {
+    Created(Order),
+    /// The Idempotency-Key was already bound to `order_id`, by the same
+    /// request or by a different one.
+    Earlier {
+        order_id: String,
+        same_request: bool,
+    },
+}
+
+/// The placement queue: concurrent placements commit together (see
+/// [`restaurant_platform::batch`]).
+pub type Placer = Batcher<Placement, Result<Placed, String>>;
+
+/// Up to this many placements share one transaction.
+const PLACE_BATCH: usize = 256;
+
+pub fn placer(db: Db, outbox: OutboxSignal) -> (Placer, impl Future<Output = ()> + Send + 'static) {
+    Batcher::new(PLACE_BATCH, move |reqs: Vec<Placement>| {
+        let (db, outbox) = (db.clone(), outbox.clone());
+        async move {
+            let answers = match place_all(&db, &reqs).await {
+                Ok(placed) => placed.into_iter().map(Ok).collect(),
+                // One bad placement must not fail its neighbours: retry
+                // each alone so only the one at fault gets the error.
+                Err(e) if reqs.len() > 1 => {
+                    tracing::warn!(error = %e, n = reqs.len(), "placement batch failed; one by one");
+                    let mut answers = Vec::with_capacity(reqs.len());
+                    for r in &reqs {
+                        answers.push(match place_all(&db, std::slice::from_ref(r)).await {
+                            Ok(mut placed) => Ok(placed.remove(0)),
+                            Err(e) => Err(e.to_string()),
+                        });
+                    }
+                    answers
+                }
+                Err(e) => vec![Err(e.to_string())],
+            };
+            outbox.notify();
+            answers
+        }
+    })
+}
+
+/// Places a batch in one transaction: claims each Idempotency-Key, then
+/// inserts the new orders and their `OrderPlaced` events set-wise.
+async fn place_all(db: &Db, reqs: &[Placement]) -> Result<Vec<Placed>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let mut placed = Vec::with_capacity(reqs.len());
+    let mut fresh = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        // A key claimed earlier in this batch is seen here too (same
+        // transaction), so a key sent twice at once still makes one order.
+        if let Some(key) = &r.key
+            && let Some((earlier, order_id)) = store::claim_key(
+                &mut tx,
+                key,
+                &r.fingerprint,
+                &r.order.id,
+                r.order.created_at,
+            )
+            .await?
+        {
+            placed.push(Placed::Earlier {
+                same_request: earlier == r.fingerprint,
+                order_id,
+            });
+            continue;
+        }
+        fresh.push(r);
+        placed.push(Placed::Created(r.order.clone()));
+    }
+    let orders: Vec<&Order> = fresh.iter().map(|r| &r.order).collect();
+    store::insert_all(&mut tx, &orders).await?;
+    let envs: Vec<Envelope> = fresh.iter().map(|r| r.env.clone()).collect();
+    outbox::append_all(&mut tx, &envs).await?;
     tx.commit().await?;
-    app.ctx.outbox.notify();
-    metrics::counter!("orders_placed_total").increment(1);
-    tracing::info!(order_id = %order.id, request_id = %ctx.request_id, "order placed");
-    Ok(created(order, false))
+    metrics::counter!("orders_placed_total").increment(fresh.len() as u64);
+    Ok(placed)
 }
 
 pub async fn get(

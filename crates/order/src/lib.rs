@@ -49,6 +49,7 @@ pub struct Config {
 pub struct App {
     pub ctx: ServiceContext,
     pub kitchen: kitchen::Kitchen,
+    pub placer: http::Placer,
 }
 
 pub fn router(app: App) -> Router {
@@ -64,11 +65,14 @@ pub async fn start(
     listener: TcpListener,
     config: Config,
 ) -> std::io::Result<RunningService> {
+    let (placer, placing) = http::placer(ctx.db.clone(), ctx.outbox.clone());
     let app = App {
         kitchen: kitchen::Kitchen::new(config.cook_url, config.cancel_timeout, config.breaker),
         ctx: ctx.clone(),
+        placer,
     };
     let mut host = ServiceHost::new(ctx);
+    host.spawn(placing);
     host.consume(Arc::new(events::OrderEvents(app.clone())));
     host.serve(listener, router(app))
 }

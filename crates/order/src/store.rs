@@ -2,7 +2,7 @@
 //! caller owns, so the state change and its outbox event commit together.
 
 use restaurant_contract::OrderLine;
-use restaurant_platform::db::{Db, Tx};
+use restaurant_platform::db::{Db, Tx, placeholders};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
 use crate::domain::{Order, OrderStatus};
@@ -30,25 +30,48 @@ fn from_row(r: &AnyRow) -> Result<Order, sqlx::Error> {
     })
 }
 
-pub async fn insert(tx: &mut Tx, o: &Order) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO orders (id, customer_id, restaurant_id, items, address, status, reason, \
-         cook_id, delivery_id, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+/// Inserts new orders, a hundred per statement.
+pub async fn insert_all(tx: &mut Tx, orders: &[&Order]) -> Result<(), sqlx::Error> {
+    write_all(tx, orders, "").await
+}
+
+/// Saves changed orders (which exist), a hundred per statement.
+pub async fn save_all(tx: &mut Tx, orders: &[&Order]) -> Result<(), sqlx::Error> {
+    write_all(
+        tx,
+        orders,
+        " ON CONFLICT (id) DO UPDATE SET status = excluded.status, reason = excluded.reason, \
+         cook_id = excluded.cook_id, delivery_id = excluded.delivery_id, \
+         updated_at = excluded.updated_at",
     )
-    .bind(&o.id)
-    .bind(&o.customer_id)
-    .bind(&o.restaurant_id)
-    .bind(serde_json::to_string(&o.items).expect("serializes"))
-    .bind(&o.address)
-    .bind(o.status.as_str())
-    .bind(&o.reason)
-    .bind(&o.cook_id)
-    .bind(&o.delivery_id)
-    .bind(o.created_at)
-    .bind(o.updated_at)
-    .execute(&mut **tx)
-    .await?;
+    .await
+}
+
+async fn write_all(tx: &mut Tx, orders: &[&Order], on_conflict: &str) -> Result<(), sqlx::Error> {
+    for chunk in orders.chunks(100) {
+        let values = (0..chunk.len())
+            .map(|i| format!("({})", placeholders(i * 11 + 1, 11)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO orders ({COLUMNS}) VALUES {values}{on_conflict}"
+        )));
+        for o in chunk {
+            q = q
+                .bind(&o.id)
+                .bind(&o.customer_id)
+                .bind(&o.restaurant_id)
+                .bind(serde_json::to_string(&o.items).expect("serializes"))
+                .bind(&o.address)
+                .bind(o.status.as_str())
+                .bind(&o.reason)
+                .bind(&o.cook_id)
+                .bind(&o.delivery_id)
+                .bind(o.created_at)
+                .bind(o.updated_at);
+        }
+        q.execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
@@ -70,6 +93,30 @@ pub async fn update(tx: &mut Tx, o: &Order) -> Result<(), sqlx::Error> {
 }
 
 /// Loads an order to change it, locking its row until commit.
+/// Loads (and on PostgreSQL locks, in id order so replicas cannot
+/// deadlock) every order in `ids`.
+pub async fn load_many_for_update(
+    db: &Db,
+    tx: &mut Tx,
+    ids: &[&str],
+) -> Result<Vec<Order>, sqlx::Error> {
+    let mut orders = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM orders WHERE id IN ({}) ORDER BY id{}",
+            placeholders(1, chunk.len()),
+            db.lock_suffix()
+        )));
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut **tx).await? {
+            orders.push(from_row(&row)?);
+        }
+    }
+    Ok(orders)
+}
+
 pub async fn load_for_update(db: &Db, tx: &mut Tx, id: &str) -> Result<Option<Order>, sqlx::Error> {
     sqlx::query(AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM orders WHERE id = $1{}",

@@ -14,10 +14,12 @@
 //! - [`http`]: problem-details errors, extractors that never leak a plain
 //!   rejection, request ids and trace context, health and metrics routes.
 //! - [`service`]: wiring a service's parts into running tasks.
+//! - [`batch`]: group commit for request handlers' small writes.
 //! - [`breaker`]: a circuit breaker for synchronous calls to another service.
 //! - [`shutdown`], [`telemetry`], [`client`].
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod breaker;
 pub mod bus;
 pub mod client;

@@ -24,18 +24,35 @@ const RELAY_IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// Appends `env` to the outbox inside `tx`.
 pub async fn append(tx: &mut Tx, env: &Envelope) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO outbox (event_id, order_id, event_type, payload, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(&env.event_id)
-    .bind(&env.order_id)
-    .bind(&env.event_type)
-    .bind(env.to_json())
-    .bind(now_ms())
-    .execute(&mut **tx)
-    .await?;
-    metrics::counter!("outbox_appended_total", "type" => env.event_type.clone()).increment(1);
+    append_all(tx, std::slice::from_ref(env)).await
+}
+
+/// Appends many envelopes with one statement per hundred.
+pub async fn append_all(tx: &mut Tx, envs: &[Envelope]) -> Result<(), sqlx::Error> {
+    let now = now_ms();
+    for chunk in envs.chunks(100) {
+        let values = (0..chunk.len())
+            .map(|i| format!("({}, $1)", placeholders(i * 4 + 2, 4)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO outbox (event_id, order_id, event_type, payload, created_at) \
+             VALUES {values}"
+        )))
+        .bind(now);
+        for env in chunk {
+            q = q
+                .bind(&env.event_id)
+                .bind(&env.order_id)
+                .bind(&env.event_type)
+                .bind(env.to_json());
+        }
+        q.execute(&mut **tx).await?;
+        for env in chunk {
+            metrics::counter!("outbox_appended_total", "type" => env.event_type.clone())
+                .increment(1);
+        }
+    }
     Ok(())
 }
 
