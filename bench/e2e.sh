@@ -44,13 +44,31 @@ for _ in $(seq 1 200); do
   curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
   sleep 0.05
 done
-maxrss=0
-( while kill -0 "$pid" 2>/dev/null; do
-    rss=$(ps -o rss= -p "$pid" | tr -d ' ')
-    [ -n "$rss" ] && [ "$rss" -gt "$maxrss" ] && maxrss=$rss && echo "$maxrss" > "$dir/rss"
+children() {
+  python3 - "$1" <<'PY' 2>/dev/null
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(" ".join(f"{p['name']}-{p['replica']}:{p['pid']}" for p in d["processes"] if p["pid"]))
+PY
+}
+# Peak resident memory of every process of the system, sampled twice a
+# second: the `up` process itself and, in the distributed shape, each
+# supervised child named in processes.json.
+( declare -A peak
+  while kill -0 "$pid" 2>/dev/null; do
+    pids="up:$pid"
+    if [ -f "$dir/processes.json" ]; then
+      pids="$pids $(children "$dir/processes.json")"
+    fi
+    for entry in $pids; do
+      name=${entry%%:*}; p=${entry##*:}
+      rss=$(ps -o rss= -p "$p" 2>/dev/null | tr -d ' ')
+      [ -n "$rss" ] && [ "$rss" -gt "${peak[$name]:-0}" ] && peak[$name]=$rss
+    done
+    for name in "${!peak[@]}"; do echo "$name ${peak[$name]}"; done | sort > "$dir/rss.tmp" && mv "$dir/rss.tmp" "$dir/rss"
     sleep 0.5
   done ) &
 "$bin" bench --url "http://127.0.0.1:$port" --duration "$duration" --concurrency "$concurrency" \
   --json "$dir/report.json" 2>/dev/null
-echo "server max RSS: $(( $(cat "$dir/rss" 2>/dev/null || echo 0) / 1024 )) MiB (one process, all services)"
+echo "peak RSS per process (MiB):$(awk '{printf " %s %.1f", $1, $2/1024}' "$dir/rss" 2>/dev/null)"
 echo "shape: $shape, $(nproc) cores, duration $duration, concurrency $concurrency"

@@ -140,20 +140,28 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     assert_eq!(outbox::relay_batch(&order, &bus).await.unwrap(), 1);
     assert_eq!(outbox::pending(&order).await.unwrap(), 0);
 
-    // Cook: conditional stock reservation, all or nothing.
-    use restaurant_cook::{domain::MenuItem, store as kitchen};
+    // Cook: stock read under lock, reserved all or nothing, written back.
+    use restaurant_cook::{
+        domain::{MenuItem, reserve_all},
+        store as kitchen,
+    };
     let item = MenuItem::parse("M", 100, 3).unwrap();
     assert!(kitchen::put_menu(&cook, "r", "m", &item).await.unwrap());
     assert!(kitchen::put_menu(&cook, "r", "n", &item).await.unwrap());
     let mut tx = cook.begin().await.unwrap();
-    let ok = kitchen::reserve(&mut tx, "r", &[("m".into(), 2), ("n".into(), 3)])
+    let restaurants = ["r"].into_iter().collect();
+    let mut stock = kitchen::stock_for_update(&cook, &mut tx, &restaurants)
         .await
         .unwrap();
-    assert_eq!(ok, Ok(()));
-    let short = kitchen::reserve(&mut tx, "r", &[("m".into(), 1), ("n".into(), 1)])
-        .await
-        .unwrap();
+    let before = stock.clone();
+    let menu = stock.get_mut("r").unwrap();
+    assert_eq!(
+        reserve_all(menu, &[("m".into(), 2), ("n".into(), 3)]),
+        Ok(())
+    );
+    let short = reserve_all(menu, &[("m".into(), 1), ("n".into(), 1)]);
     assert_eq!(short.unwrap_err()[0].menu_id, "n");
+    kitchen::save_stock(&mut tx, &before, &stock).await.unwrap();
     tx.commit().await.unwrap();
     let stock: Vec<i64> = kitchen::menus(&cook, "r")
         .await

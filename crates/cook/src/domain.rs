@@ -68,6 +68,33 @@ pub fn reservation_plan(items: &[OrderLine]) -> Vec<(String, i64)> {
     merged.into_iter().map(|(m, q)| (m.to_owned(), q)).collect()
 }
 
+/// Takes `plan` out of one restaurant's `stock` (menu id → units), every
+/// line or none; on a shortage, `stock` is untouched and the shortages say
+/// what was asked and what there was (`None`: not on the menu).
+pub fn reserve_all(
+    stock: &mut BTreeMap<String, i64>,
+    plan: &[(String, i64)],
+) -> Result<(), Vec<Shortage>> {
+    let shortages: Vec<Shortage> = plan
+        .iter()
+        .filter_map(|(menu_id, qty)| {
+            let available = stock.get(menu_id).copied();
+            available.is_none_or(|a| a < *qty).then(|| Shortage {
+                menu_id: menu_id.clone(),
+                requested: *qty,
+                available,
+            })
+        })
+        .collect();
+    if !shortages.is_empty() {
+        return Err(shortages);
+    }
+    for (menu_id, qty) in plan {
+        *stock.get_mut(menu_id).expect("checked above") -= qty;
+    }
+    Ok(())
+}
+
 /// The customer-facing reason for a rejection.
 pub fn shortage_reason(shortages: &[Shortage]) -> String {
     let parts: Vec<String> = shortages
@@ -231,5 +258,28 @@ mod tests {
         assert!(MenuItem::parse("x", -1, 1).is_err());
         assert!(MenuItem::parse("x", 1, -1).is_err());
         assert!(MenuItem::parse("x", 1, MAX_STOCK + 1).is_err());
+    }
+
+    #[test]
+    fn reserve_all_takes_every_line_or_none() {
+        let mut stock: BTreeMap<String, i64> = [("a".to_owned(), 3), ("b".to_owned(), 1)]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            reserve_all(&mut stock, &[("a".into(), 2), ("b".into(), 1)]),
+            Ok(())
+        );
+        assert_eq!((stock["a"], stock["b"]), (1, 0));
+        let short = reserve_all(
+            &mut stock,
+            &[("a".into(), 1), ("b".into(), 1), ("z".into(), 1)],
+        )
+        .unwrap_err();
+        assert_eq!((stock["a"], stock["b"]), (1, 0), "a shortage takes nothing");
+        let got: Vec<_> = short
+            .iter()
+            .map(|s| (s.menu_id.as_str(), s.available))
+            .collect();
+        assert_eq!(got, [("b", Some(0)), ("z", None)]);
     }
 }

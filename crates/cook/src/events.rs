@@ -15,11 +15,32 @@ pub struct KitchenEvents(pub App);
 impl Handler for KitchenEvents {
     const TYPES: &'static [&'static str] = &["OrderPlaced", "OrderCancelRequested"];
 
+    /// Runs of placed orders are taken set-wise; a cancel request in
+    /// between is applied in its place, so the batch keeps log order.
+    async fn handle_batch(
+        &self,
+        tx: &mut Tx,
+        batch: Vec<(Envelope, Event)>,
+    ) -> Result<(), HandleError> {
+        let mut run = Vec::new();
+        for (env, event) in &batch {
+            if let Event::OrderPlaced(placed) = event {
+                run.push((env, placed));
+                continue;
+            }
+            kitchen::take_orders(&self.0, tx, &run).await?;
+            run.clear();
+            self.handle(tx, env, event.clone()).await?;
+        }
+        kitchen::take_orders(&self.0, tx, &run).await?;
+        Ok(())
+    }
+
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
         let cause = env.as_cause();
         match event {
             Event::OrderPlaced(placed) => {
-                kitchen::take_order(&self.0, tx, &env.order_id, &placed, &cause).await?;
+                kitchen::take_orders(&self.0, tx, &[(env, &placed)]).await?;
             }
             Event::OrderCancelRequested(_) => {
                 let c = kitchen::cancel_order(&self.0, tx, &env.order_id, &cause).await?;

@@ -6,13 +6,15 @@ use restaurant_contract::{
     Cause, CookCancelled, CookCompleted, CookRef, Envelope, Event, OrderPlaced, StockChecked,
     new_id, now_ms,
 };
+use std::collections::BTreeSet;
+
 use restaurant_platform::{db::Tx, outbox};
 
 use crate::{
     App,
     domain::{
         CancelOutcome, CompleteOutcome, CookStatus, Ticket, cancel_outcome, complete_outcome,
-        reservation_plan, shortage_reason,
+        reservation_plan, reserve_all, shortage_reason,
     },
     store::{self, TicketKey},
 };
@@ -24,64 +26,88 @@ async fn emit(tx: &mut Tx, order_id: &str, event: Event, cause: &Cause) -> Resul
     Ok(())
 }
 
-/// An order arrived: reserve every line or none, and open a ticket that
-/// says which. The ticket is written first: if the order already has one
-/// (a redelivery, or a cancel that came first), nothing else happens.
-pub async fn take_order(
+/// Orders arrived: reserve every line of each or none, and open a ticket
+/// that says which, in log order, with a fixed number of statements for the
+/// whole batch. Tickets are written first: an order that already has one (a
+/// redelivery, or a cancel that came first) reserves nothing. Stock rows are
+/// then read under lock, reserved in memory and written back.
+pub async fn take_orders(
     app: &App,
     tx: &mut Tx,
-    order_id: &str,
-    order: &OrderPlaced,
-    cause: &Cause,
+    orders: &[(&Envelope, &OrderPlaced)],
 ) -> Result<(), sqlx::Error> {
     let now = now_ms();
-    let mut ticket = Ticket {
-        id: new_id(),
-        order_id: order_id.to_owned(),
-        restaurant_id: order.restaurant_id.clone(),
-        items: order.items.clone(),
-        address: order.address.clone(),
-        status: CookStatus::Cooking,
-        reason: None,
-        complete_at: app.cook_time.map(|d| now + d.as_millis() as i64),
-        created_at: now,
-        updated_at: now,
-    };
-    if !store::insert_ticket(tx, &ticket).await? {
-        return store::fill_placeholder(tx, &ticket).await;
-    }
-    let plan = reservation_plan(&order.items);
-    match store::reserve(tx, &order.restaurant_id, &plan).await? {
-        Ok(()) => {
-            let checked = StockChecked {
-                cook_id: ticket.id.clone(),
-                in_stock: true,
-                shortages: vec![],
-                reason: None,
-            };
-            emit(tx, order_id, Event::StockChecked(checked), cause).await?;
-            let started = CookRef {
-                cook_id: ticket.id.clone(),
-            };
-            emit(tx, order_id, Event::CookStarted(started), cause).await?;
-            metrics::counter!("cook_orders_accepted_total").increment(1);
-        }
-        Err(shortages) => {
-            let reason = shortage_reason(&shortages);
-            ticket.status = CookStatus::Rejected;
-            ticket.reason = Some(reason.clone());
-            ticket.complete_at = None;
-            store::update_ticket(tx, &ticket).await?;
-            let checked = StockChecked {
-                cook_id: ticket.id.clone(),
-                in_stock: false,
-                shortages,
-                reason: Some(reason),
-            };
-            emit(tx, order_id, Event::StockChecked(checked), cause).await?;
-            metrics::counter!("cook_orders_rejected_total").increment(1);
+    let tickets: Vec<Ticket> = orders
+        .iter()
+        .map(|(env, o)| Ticket {
+            id: new_id(),
+            order_id: env.order_id.clone(),
+            restaurant_id: o.restaurant_id.clone(),
+            items: o.items.clone(),
+            address: o.address.clone(),
+            status: CookStatus::Cooking,
+            reason: None,
+            complete_at: app.cook_time.map(|d| now + d.as_millis() as i64),
+            created_at: now,
+            updated_at: now,
+        })
+        .collect();
+    let mut claimed = store::insert_tickets(tx, &tickets).await?;
+    let mut taken = Vec::with_capacity(tickets.len());
+    for t in tickets {
+        // An order seen before (redelivered, or cancelled before it came)
+        // reserves nothing; each order id is claimed by its first ticket.
+        if claimed.remove(&t.order_id) {
+            taken.push(t);
+        } else {
+            store::fill_placeholder(tx, &t).await?;
         }
     }
+    if taken.is_empty() {
+        return Ok(());
+    }
+    let restaurants: BTreeSet<&str> = taken.iter().map(|t| t.restaurant_id.as_str()).collect();
+    let mut stock = store::stock_for_update(&app.ctx.db, tx, &restaurants).await?;
+    let before = stock.clone();
+    let mut events = Vec::with_capacity(taken.len() * 2);
+    let (mut accepted, mut rejected) = (0u64, 0u64);
+    for (mut t, (env, _)) in taken.into_iter().zip(orders) {
+        let cause = env.as_cause();
+        let menu = stock.entry(t.restaurant_id.clone()).or_default();
+        let mut event = |e: Event| events.push(Envelope::new(crate::NAME, &t.order_id, &e, &cause));
+        match reserve_all(menu, &reservation_plan(&t.items)) {
+            Ok(()) => {
+                event(Event::StockChecked(StockChecked {
+                    cook_id: t.id.clone(),
+                    in_stock: true,
+                    shortages: vec![],
+                    reason: None,
+                }));
+                event(Event::CookStarted(CookRef {
+                    cook_id: t.id.clone(),
+                }));
+                accepted += 1;
+            }
+            Err(shortages) => {
+                let reason = shortage_reason(&shortages);
+                event(Event::StockChecked(StockChecked {
+                    cook_id: t.id.clone(),
+                    in_stock: false,
+                    shortages,
+                    reason: Some(reason.clone()),
+                }));
+                t.status = CookStatus::Rejected;
+                t.reason = Some(reason);
+                t.complete_at = None;
+                store::update_ticket(tx, &t).await?;
+                rejected += 1;
+            }
+        }
+    }
+    store::save_stock(tx, &before, &stock).await?;
+    outbox::append_all(tx, &events).await?;
+    metrics::counter!("cook_orders_accepted_total").increment(accepted);
+    metrics::counter!("cook_orders_rejected_total").increment(rejected);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //!
 //! - on `OrderPlaced` it reserves stock for every line of the order or for
 //!   none, and answers with `StockChecked` (+ `CookStarted`)
-//!   ([`kitchen::take_order`]);
+//!   ([`kitchen::take_orders`]);
 //! - a ticket completes by `POST /cooks/{id}/complete` or by its durable
 //!   timer, publishing `CookCompleted` for the delivery service;
 //! - the order service cancels synchronously through

@@ -1,7 +1,9 @@
 //! The kitchen's SQL: menus with stock, cook tickets, cancel tombstones.
 
-use restaurant_contract::{CookCompleted, OrderLine, Shortage, now_ms};
-use restaurant_platform::db::{Db, Tx, placeholders};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use restaurant_contract::{CookCompleted, OrderLine, now_ms};
+use restaurant_platform::db::{Db, Tx, placeholders, rows_per_statement, value_rows};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
 use crate::domain::{CookStatus, MenuItem, Ticket};
@@ -78,60 +80,6 @@ pub async fn menu_count(db: &Db) -> Result<i64, sqlx::Error> {
         .await
 }
 
-/// Takes `plan` out of stock, all lines or none. Each line is a conditional
-/// decrement (`stock >= qty`), which on SQLite runs under the single writer
-/// and on PostgreSQL locks the row: two orders can never both take the last
-/// unit. If any line is short, the lines already taken are put back in the
-/// same transaction and the shortages are returned.
-pub async fn reserve(
-    tx: &mut Tx,
-    restaurant_id: &str,
-    plan: &[(String, i64)],
-) -> Result<Result<(), Vec<Shortage>>, sqlx::Error> {
-    for (i, (menu_id, qty)) in plan.iter().enumerate() {
-        let taken = sqlx::query(
-            "UPDATE menus SET stock = stock - $3 \
-             WHERE restaurant_id = $1 AND menu_id = $2 AND stock >= $3",
-        )
-        .bind(restaurant_id)
-        .bind(menu_id)
-        .bind(*qty)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !taken {
-            restore(tx, restaurant_id, &plan[..i]).await?;
-            return Ok(Err(shortages(tx, restaurant_id, plan).await?));
-        }
-    }
-    Ok(Ok(()))
-}
-
-async fn shortages(
-    tx: &mut Tx,
-    restaurant_id: &str,
-    plan: &[(String, i64)],
-) -> Result<Vec<Shortage>, sqlx::Error> {
-    let mut out = Vec::new();
-    for (menu_id, qty) in plan {
-        let available: Option<i64> =
-            sqlx::query_scalar("SELECT stock FROM menus WHERE restaurant_id = $1 AND menu_id = $2")
-                .bind(restaurant_id)
-                .bind(menu_id)
-                .fetch_optional(&mut **tx)
-                .await?;
-        if available.is_none_or(|a| a < *qty) {
-            out.push(Shortage {
-                menu_id: menu_id.clone(),
-                requested: *qty,
-                available,
-            });
-        }
-    }
-    Ok(out)
-}
-
 pub async fn restore(
     tx: &mut Tx,
     restaurant_id: &str,
@@ -176,24 +124,89 @@ fn ticket_from_row(r: &AnyRow) -> Result<Ticket, sqlx::Error> {
 /// Concurrent inserts for one order wait for each other (unique index), so
 /// exactly one wins whatever the interleaving.
 pub async fn insert_ticket(tx: &mut Tx, t: &Ticket) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO cooks (id, order_id, restaurant_id, items, address, status, reason, \
-         complete_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(&t.id)
-    .bind(&t.order_id)
-    .bind(&t.restaurant_id)
-    .bind(serde_json::to_string(&t.items).expect("serializes"))
-    .bind(&t.address)
-    .bind(t.status.as_str())
-    .bind(&t.reason)
-    .bind(t.complete_at)
-    .bind(t.created_at)
-    .bind(t.updated_at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(insert_tickets(tx, std::slice::from_ref(t))
+        .await?
+        .contains(&t.order_id))
+}
+
+/// Inserts tickets for orders that have none and returns the order ids
+/// that got one (a batch may name an order twice; one row wins).
+pub async fn insert_tickets(
+    tx: &mut Tx,
+    tickets: &[Ticket],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut claimed = HashSet::with_capacity(tickets.len());
+    for chunk in tickets.chunks(rows_per_statement(10)) {
+        let values = value_rows(chunk.len(), 10);
+        let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!(
+            "INSERT INTO cooks ({TICKET_COLUMNS}) VALUES {values} \
+             ON CONFLICT (order_id) DO NOTHING RETURNING order_id"
+        )));
+        for t in chunk {
+            q = q
+                .bind(&t.id)
+                .bind(&t.order_id)
+                .bind(&t.restaurant_id)
+                .bind(serde_json::to_string(&t.items).expect("serializes"))
+                .bind(&t.address)
+                .bind(t.status.as_str())
+                .bind(&t.reason)
+                .bind(t.complete_at)
+                .bind(t.created_at)
+                .bind(t.updated_at);
+        }
+        claimed.extend(q.fetch_all(&mut **tx).await?);
+    }
+    Ok(claimed)
+}
+
+/// Restaurant → menu id → stock, for every menu item of `restaurants`.
+/// On SQLite the transaction holds the single writer; on PostgreSQL the rows
+/// are locked (in key order, so cook replicas cannot deadlock). Either way
+/// nobody else changes this stock until the batch commits, so reserving in
+/// memory and writing the result back can never oversell.
+pub type Stock = BTreeMap<String, BTreeMap<String, i64>>;
+
+pub async fn stock_for_update(
+    db: &Db,
+    tx: &mut Tx,
+    restaurants: &BTreeSet<&str>,
+) -> Result<Stock, sqlx::Error> {
+    let mut q = sqlx::query(AssertSqlSafe(format!(
+        "SELECT restaurant_id, menu_id, stock FROM menus WHERE restaurant_id IN ({}) \
+         ORDER BY restaurant_id, menu_id{}",
+        placeholders(1, restaurants.len()),
+        db.lock_suffix()
+    )));
+    for r in restaurants {
+        q = q.bind(*r);
+    }
+    let mut stock = Stock::new();
+    for row in q.fetch_all(&mut **tx).await? {
+        stock
+            .entry(row.try_get(0)?)
+            .or_default()
+            .insert(row.try_get(1)?, row.try_get(2)?);
+    }
+    Ok(stock)
+}
+
+/// Writes back the stock levels that differ from `before`.
+pub async fn save_stock(tx: &mut Tx, before: &Stock, after: &Stock) -> Result<(), sqlx::Error> {
+    for (restaurant_id, menu) in after {
+        for (menu_id, stock) in menu {
+            if before.get(restaurant_id).and_then(|m| m.get(menu_id)) == Some(stock) {
+                continue;
+            }
+            sqlx::query("UPDATE menus SET stock = $3 WHERE restaurant_id = $1 AND menu_id = $2")
+                .bind(restaurant_id)
+                .bind(menu_id)
+                .bind(*stock)
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Completes a ticket written by a cancel that came before the order: the
@@ -277,7 +290,7 @@ pub async fn mark_cooked(
     now: i64,
 ) -> Result<Vec<(String, CookCompleted)>, sqlx::Error> {
     let mut done = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(500) {
+    for chunk in ids.chunks(rows_per_statement(1)) {
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "UPDATE cooks SET status = 'COOKED', complete_at = NULL, updated_at = $1 \
              WHERE status = 'COOKING' AND id IN ({}) \

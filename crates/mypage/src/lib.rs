@@ -19,7 +19,7 @@ use restaurant_contract::{Envelope, Event, OrderLine};
 use restaurant_platform::{
     bus::Bus,
     consumer::{HandleError, Handler},
-    db::{Db, Migrations, Tx, placeholders},
+    db::{Db, Migrations, Tx, placeholders, rows_per_statement, value_rows},
     http::{Json, Path, Problem, Query, required},
     rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -86,7 +86,7 @@ async fn project_batch(
         .into_iter()
         .collect();
     let mut views = std::collections::HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(CHUNK) {
+    for chunk in ids.chunks(rows_per_statement(1)) {
         // Make sure the rows exist so they can be locked: two replicas
         // applying events of one order must not lose each other's update.
         let values = (1..=chunk.len())
@@ -131,11 +131,8 @@ async fn project_batch(
         .filter(|(view, before)| view != before)
         .map(|(view, _)| view)
         .collect();
-    for chunk in changed.chunks(CHUNK / 12) {
-        let values = (0..chunk.len())
-            .map(|i| format!("({})", placeholders(i * 12 + 1, 12)))
-            .collect::<Vec<_>>()
-            .join(", ");
+    for chunk in changed.chunks(rows_per_statement(12)) {
+        let values = value_rows(chunk.len(), 12);
         let mut upsert = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {table} ({COLUMNS}) VALUES {values} ON CONFLICT (order_id) DO UPDATE SET \
              customer_id = excluded.customer_id, restaurant_id = excluded.restaurant_id, \
@@ -167,9 +164,6 @@ async fn project_batch(
     }
     Ok(())
 }
-
-/// Bind parameters per statement: far below SQLite's and PostgreSQL's limits.
-const CHUNK: usize = 1200;
 
 /// The view table's shape, for a rebuild's fresh table; the same as
 /// `migrations/0100_views.sql` (the rebuild test reads rebuilt views through

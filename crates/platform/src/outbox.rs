@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::{
     bus::{Bus, OutgoingEvent},
-    db::{Db, Tx, placeholders},
+    db::{Db, Tx, placeholders, rows_per_statement},
     shutdown::Shutdown,
 };
 
@@ -30,7 +30,7 @@ pub async fn append(tx: &mut Tx, env: &Envelope) -> Result<(), sqlx::Error> {
 /// Appends many envelopes with one statement per hundred.
 pub async fn append_all(tx: &mut Tx, envs: &[Envelope]) -> Result<(), sqlx::Error> {
     let now = now_ms();
-    for chunk in envs.chunks(100) {
+    for chunk in envs.chunks(rows_per_statement(4)) {
         let values = (0..chunk.len())
             .map(|i| format!("({}, $1)", placeholders(i * 4 + 2, 4)))
             .collect::<Vec<_>>()
