@@ -25,7 +25,7 @@ case "$shape" in
   distributed)
     db="rt_bench_$$"
     psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db"
-    args+=(--database-url "postgres://postgres@127.0.0.1:5432/$db" --nats-url nats://127.0.0.1:4222 --stream "$db")
+    args+=(--processes --database-url "postgres://postgres@127.0.0.1:5432/$db" --nats-url nats://127.0.0.1:4222 --stream "$db")
     ;;
   *) echo "unknown shape $shape" >&2; exit 2 ;;
 esac

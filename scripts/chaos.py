@@ -52,6 +52,20 @@ def request(method, url, body=None, timeout=5.0):
         return None, None
 
 
+def read_list(url, patience=30.0):
+    """A listing the checks rely on. A failed read is not an empty list: it
+    is retried (a process may still be restarting), and reported."""
+    deadline = time.time() + patience
+    while True:
+        status, body = request("GET", url, timeout=10)
+        if status == 200 and isinstance(body, list):
+            return body
+        if time.time() > deadline:
+            raise SystemExit(f"chaos: cannot read {url} (last status {status})")
+        print(f"chaos: read {url} answered {status}; retrying", flush=True)
+        time.sleep(0.5)
+
+
 def find_binary(explicit):
     if explicit:
         return explicit
@@ -229,12 +243,14 @@ def main():
         doubled = []
         taken = {m: 0 for m in MENU}
         for oid, o in orders.items():
-            _, cooks = request("GET", f"{url}/cooks?orderId={oid}", timeout=10)
-            _, deliveries = request("GET", f"{url}/deliveries?orderId={oid}", timeout=10)
-            cooks, deliveries = cooks or [], deliveries or []
+            cooks = read_list(f"{url}/cooks?orderId={oid}")
+            deliveries = read_list(f"{url}/deliveries?orderId={oid}")
             if len(cooks) > 1 or len(deliveries) > 1 or (
                     o["status"] == "DELIVERED" and (len(cooks), len(deliveries)) != (1, 1)):
                 doubled.append(oid)
+                if len(doubled) <= 5:
+                    print(f"chaos: doubled? order {oid} {o['status']}: "
+                          f"{len(cooks)} cook tickets, {len(deliveries)} deliveries", flush=True)
             if o["status"] == "DELIVERED":
                 for line in o["items"]:
                     taken[line["menuId"]] += line["qty"]

@@ -156,6 +156,14 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         };
+        self.consume(&mut sub, &shutdown).await;
+        // Save the position acknowledged last, so a restart resumes there.
+        if let Err(e) = sub.flush().await {
+            tracing::warn!(consumer = %self.name, error = %e, "saving the position failed");
+        }
+    }
+
+    async fn consume(&self, sub: &mut crate::bus::Subscription, shutdown: &Shutdown) {
         let mut last_prune = tokio::time::Instant::now();
         while !shutdown.is_triggered() {
             if last_prune.elapsed() >= PRUNE_EVERY {
@@ -181,7 +189,13 @@ impl<H: Handler> Consumer<H> {
             // back and the batch goes through one event at a time, where
             // retries and parking isolate the bad one.
             if !batch.is_empty() {
-                match self.apply_batch(&batch).await {
+                metrics::histogram!("consumer_batch_size", "consumer" => self.name.clone())
+                    .record(batch.len() as f64);
+                let started = std::time::Instant::now();
+                let applied = self.apply_batch(&batch).await;
+                metrics::histogram!("consumer_batch_seconds", "consumer" => self.name.clone())
+                    .record(started.elapsed().as_secs_f64());
+                match applied {
                     Ok(()) => {
                         if let Err(e) = sub.ack(&batch).await {
                             tracing::warn!(consumer = %self.name, error = %e, "ack failed");
@@ -201,7 +215,7 @@ impl<H: Handler> Consumer<H> {
                     let why = format!("delivered {} times without being acknowledged", d.attempt);
                     Some(self.park_raw(&d.payload, &why, d.attempt as u32).await)
                 } else {
-                    self.offer(&d.payload, &shutdown).await
+                    self.offer(&d.payload, shutdown).await
                 };
                 if outcome.is_none() {
                     break; // shutting down mid-retry: leave the rest unacked
