@@ -73,6 +73,10 @@ struct Pool {
     service: &'static str,
     replicas: Vec<Replica>,
     cursor: AtomicUsize,
+    /// Metric handles, looked up once rather than per request (a lookup
+    /// hashes the name and every label).
+    latency: metrics::Histogram,
+    requests: std::sync::Mutex<std::collections::HashMap<u16, metrics::Counter>>,
 }
 
 /// How long a replica that failed to connect is left out.
@@ -91,33 +95,50 @@ impl Pool {
                 })
                 .collect(),
             cursor: AtomicUsize::new(0),
+            latency: metrics::histogram!("gateway_request_duration_seconds", "service" => service),
+            requests: Default::default(),
         }
     }
 
-    /// A replica to try, never `avoid`; healthy ones first.
+    /// A replica to try, never `avoid`; healthy ones first. No allocation:
+    /// this runs for every proxied request.
     fn pick(&self, avoid: Option<usize>) -> Option<usize> {
         let now = restaurant_contract::now_ms();
-        let usable = |i: &usize, healthy: bool| {
-            Some(*i) != avoid
-                && (!healthy || self.replicas[*i].down_until.load(Ordering::Relaxed) <= now)
-        };
-        let all: Vec<usize> = (0..self.replicas.len()).collect();
-        let mut candidates: Vec<usize> = all.iter().copied().filter(|i| usable(i, true)).collect();
-        if candidates.is_empty() {
-            candidates = all.into_iter().filter(|i| usable(i, false)).collect();
+        let n = self.replicas.len();
+        let allowed = |i: usize| Some(i) != avoid;
+        let healthy =
+            |i: usize| allowed(i) && self.replicas[i].down_until.load(Ordering::Relaxed) <= now;
+        let mut usable: &dyn Fn(usize) -> bool = &healthy;
+        let mut count = (0..n).filter(|&i| healthy(i)).count();
+        if count == 0 {
+            usable = &allowed;
+            count = (0..n).filter(|&i| allowed(i)).count();
         }
-        match candidates.len() {
+        let nth = |k: usize| (0..n).filter(|&i| usable(i)).nth(k);
+        match count {
             0 => None,
-            1 => Some(candidates[0]),
-            n => {
+            1 => nth(0),
+            m => {
                 let c = self.cursor.fetch_add(1, Ordering::Relaxed);
-                let a = candidates[c % n];
+                let a = nth(c % m)?;
                 // A second, different candidate spread by a multiplicative hash.
-                let b = candidates[(c % n + 1 + c.wrapping_mul(0x9E37_79B9) % (n - 1)) % n];
+                let b = nth((c % m + 1 + c.wrapping_mul(0x9E37_79B9) % (m - 1)) % m)?;
                 let load = |i: usize| self.replicas[i].in_flight.load(Ordering::Relaxed);
                 Some(if load(b) < load(a) { b } else { a })
             }
         }
+    }
+
+    /// The request counter for `status`, registered once per status.
+    fn requests(&self, status: http::StatusCode) -> metrics::Counter {
+        let mut counters = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        counters
+            .entry(status.as_u16())
+            .or_insert_with(|| {
+                metrics::counter!("gateway_requests_total", "service" => self.service,
+                    "status" => status.as_str().to_owned())
+            })
+            .clone()
     }
 
     fn healthy(&self, i: usize) {
@@ -340,18 +361,22 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     // Buffered, so a request that could not be delivered (connection
     // refused: nothing was sent) can go to another replica whatever its
     // method. Bodies here are small; the services cap them at 64 KiB.
-    let body = match http_body_util::Limited::new(body, MAX_PROXIED_BODY)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return Problem::new(
-                http::StatusCode::PAYLOAD_TOO_LARGE,
-                "Request body too large",
-            )
-            .detail(format!("the body exceeds {MAX_PROXIED_BODY} bytes"))
-            .into_response();
+    let body = if hyper::body::Body::is_end_stream(&body) {
+        axum::body::Bytes::new()
+    } else {
+        match http_body_util::Limited::new(body, MAX_PROXIED_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return Problem::new(
+                    http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body too large",
+                )
+                .detail(format!("the body exceeds {MAX_PROXIED_BODY} bytes"))
+                .into_response();
+            }
         }
     };
     let pool = &route.pool;
@@ -371,7 +396,13 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         let Ok(uri) = format!("{}{path_and_query}", replica.base).parse::<Uri>() else {
             break Problem::bad_request("malformed request target").into_response();
         };
-        let mut attempt = Request::from_parts(parts.clone(), Body::from(body.clone()));
+        // Only a pool with another replica can retry, so only then keep a copy.
+        let attempt_parts = if pool.replicas.len() > 1 {
+            parts.clone()
+        } else {
+            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+        };
+        let mut attempt = Request::from_parts(attempt_parts, Body::from(body.clone()));
         *attempt.uri_mut() = uri;
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
         let result = tokio::time::timeout(gw.timeout, gw.client.request(attempt)).await;
@@ -413,11 +444,8 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         res.headers_mut().remove(*h);
     }
     res.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-    let status = res.status().as_u16().to_string();
-    metrics::counter!("gateway_requests_total", "service" => service, "status" => status)
-        .increment(1);
-    metrics::histogram!("gateway_request_duration_seconds", "service" => service)
-        .record(started.elapsed().as_secs_f64());
+    pool.requests(res.status()).increment(1);
+    pool.latency.record(started.elapsed().as_secs_f64());
     res
 }
 

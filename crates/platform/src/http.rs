@@ -388,6 +388,12 @@ pub async fn serve(
     router: Router,
     shutdown: crate::shutdown::Shutdown,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Responses are written whole; Nagle would only hold back the last
+    // segment of one until the peer's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
