@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicI64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -28,6 +28,7 @@ use hyper_util::{
 };
 use restaurant_contract::{TraceContext, new_id};
 use restaurant_platform::{
+    breaker::{BreakerConfig, CircuitBreaker},
     http::{Problem, TRACEPARENT, X_REQUEST_ID, problem_safety_net},
     shutdown::Shutdown,
 };
@@ -59,11 +60,22 @@ impl Upstreams {
 struct Replica {
     base: String,
     in_flight: AtomicUsize,
-    /// Ejected until then (epoch ms) after a connection failure or timeout:
-    /// passive outlier detection, so a dead replica costs one failed attempt,
-    /// not one per request.
-    down_until: AtomicI64,
+    /// Passive outlier detection: consecutive failures (refused or reset
+    /// connections, timeouts, 5xx answers) open it, so a failing replica is
+    /// ejected after a few requests, not after a health-check period; a
+    /// half-open probe request, or a passing active health check, closes it.
+    breaker: CircuitBreaker,
+    /// Active health: the last checks of `/readyz` said ready.
+    healthy: AtomicBool,
 }
+
+/// The per-replica breaker: three failures in a row eject a replica for
+/// half a second, doubling while its probes fail, up to five seconds.
+const REPLICA_BREAKER: BreakerConfig = BreakerConfig {
+    failure_threshold: 3,
+    open_for: Duration::from_millis(500),
+    max_open_for: Duration::from_secs(5),
+};
 
 /// A service's replicas. Requests go to the less busy of two picked
 /// (power of two choices): near least-loaded without scanning, and no herd
@@ -79,19 +91,23 @@ struct Pool {
     requests: std::sync::Mutex<std::collections::HashMap<u16, metrics::Counter>>,
 }
 
-/// How long a replica that failed to connect is left out.
-const EJECT_FOR_MS: i64 = 1_000;
-
 impl Pool {
     fn new(service: &'static str, bases: &[String]) -> Self {
         Pool {
             service,
             replicas: bases
                 .iter()
-                .map(|b| Replica {
-                    base: b.trim_end_matches('/').to_owned(),
-                    in_flight: AtomicUsize::new(0),
-                    down_until: AtomicI64::new(0),
+                .map(|b| {
+                    let base = b.trim_end_matches('/').to_owned();
+                    Replica {
+                        breaker: CircuitBreaker::new(
+                            format!("gateway {service} {base}"),
+                            REPLICA_BREAKER,
+                        ),
+                        base,
+                        in_flight: AtomicUsize::new(0),
+                        healthy: AtomicBool::new(true),
+                    }
                 })
                 .collect(),
             cursor: AtomicUsize::new(0),
@@ -103,16 +119,17 @@ impl Pool {
     /// A replica to try, never `avoid`; healthy ones first. No allocation:
     /// this runs for every proxied request.
     fn pick(&self, avoid: Option<usize>) -> Option<usize> {
-        let now = restaurant_contract::now_ms();
         let n = self.replicas.len();
-        let allowed = |i: usize| Some(i) != avoid;
-        let healthy =
-            |i: usize| allowed(i) && self.replicas[i].down_until.load(Ordering::Relaxed) <= now;
+        let admitted = |i: usize| Some(i) != avoid && self.replicas[i].breaker.admits();
+        let healthy = |i: usize| admitted(i) && self.replicas[i].healthy.load(Ordering::Relaxed);
+        // Replicas the health checks call unready are used only when no
+        // other is left (a check can lag a recovery); an open breaker is
+        // never overridden: failing fast is its point.
         let mut usable: &dyn Fn(usize) -> bool = &healthy;
         let mut count = (0..n).filter(|&i| healthy(i)).count();
         if count == 0 {
-            usable = &allowed;
-            count = (0..n).filter(|&i| allowed(i)).count();
+            usable = &admitted;
+            count = (0..n).filter(|&i| admitted(i)).count();
         }
         let nth = |k: usize| (0..n).filter(|&i| usable(i)).nth(k);
         match count {
@@ -141,14 +158,23 @@ impl Pool {
             .clone()
     }
 
-    fn healthy(&self, i: usize) {
-        self.replicas[i].down_until.store(0, Ordering::Relaxed);
-    }
-
-    fn eject(&self, i: usize) {
-        let until = restaurant_contract::now_ms() + EJECT_FOR_MS;
-        self.replicas[i].down_until.store(until, Ordering::Relaxed);
-        metrics::counter!("gateway_ejections_total", "service" => self.service).increment(1);
+    /// Records an active health check of replica `i`.
+    fn checked(&self, i: usize, ready: bool) {
+        let r = &self.replicas[i];
+        let was = r.healthy.swap(ready, Ordering::Relaxed);
+        if ready {
+            // Recovered: re-admit at once rather than after the open period.
+            r.breaker.reset();
+        }
+        if was != ready {
+            tracing::info!(service = self.service, replica = %r.base, ready, "replica health changed");
+        }
+        let healthy = self
+            .replicas
+            .iter()
+            .filter(|r| r.healthy.load(Ordering::Relaxed))
+            .count();
+        metrics::gauge!("gateway_healthy_replicas", "service" => self.service).set(healthy as f64);
     }
 }
 
@@ -228,6 +254,8 @@ pub struct Config {
     pub timeout: Duration,
     /// Most proxied requests in flight at once; beyond it, 503.
     pub max_in_flight: usize,
+    /// How often every replica's `/readyz` is checked.
+    pub health_interval: Duration,
 }
 
 impl Config {
@@ -236,6 +264,7 @@ impl Config {
             upstreams,
             timeout: Duration::from_secs(10),
             max_in_flight: 2048,
+            health_interval: Duration::from_millis(500),
         }
     }
 }
@@ -258,6 +287,7 @@ pub fn router(config: Config, shutdown: Shutdown) -> Router {
         in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
         shutdown,
     };
+    tokio::spawn(check_health(gw.clone(), config.health_interval));
     Router::new()
         .route(
             "/healthz",
@@ -273,6 +303,49 @@ pub fn router(config: Config, shutdown: Shutdown) -> Router {
         .layer(axum::middleware::from_fn(problem_safety_net))
 }
 
+/// Asks a replica's `/readyz`, with a short deadline.
+async fn probe(client: &Client<HttpConnector, Body>, base: &str) -> bool {
+    let Ok(uri) = format!("{base}/readyz").parse::<Uri>() else {
+        return false;
+    };
+    let Ok(req) = Request::get(uri).body(Body::empty()) else {
+        return false;
+    };
+    tokio::time::timeout(Duration::from_secs(1), client.request(req))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .is_some_and(|r| r.status().is_success())
+}
+
+/// Active health checks: every replica's `/readyz`, every `interval`. Two
+/// failed checks in a row mark a replica unready (it then gets traffic only
+/// if no other is left); one passing check marks it ready and closes its
+/// breaker, so a recovered replica is re-admitted within one interval.
+async fn check_health(gw: Gateway, interval: Duration) {
+    let mut failures: Vec<Vec<u32>> = gw.pools.iter().map(|p| vec![0; p.replicas.len()]).collect();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = gw.shutdown.wait() => return,
+        }
+        let checks = gw.pools.iter().enumerate().flat_map(|(p, pool)| {
+            let client = &gw.client;
+            pool.replicas
+                .iter()
+                .enumerate()
+                .map(move |(i, r)| async move { (p, i, probe(client, &r.base).await) })
+        });
+        for (p, i, ready) in futures_util::future::join_all(checks).await {
+            let n = &mut failures[p][i];
+            *n = if ready { 0 } else { *n + 1 };
+            if ready || *n >= 2 {
+                gw.pools[p].checked(i, ready);
+            }
+        }
+    }
+}
+
 async fn readyz(State(gw): State<Gateway>) -> Response {
     if gw.shutdown.is_triggered() {
         return Problem::unavailable("draining for shutdown").into_response();
@@ -281,19 +354,10 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
         let client = gw.client.clone();
         let pool = pool.clone();
         async move {
-            for r in &pool.replicas {
-                let Ok(uri) = format!("{}/readyz", r.base).parse::<Uri>() else {
-                    continue;
-                };
-                let Ok(req) = Request::get(uri).body(Body::empty()) else {
-                    continue;
-                };
-                let ok = tokio::time::timeout(Duration::from_secs(1), client.request(req))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .is_some_and(|r| r.status().is_success());
-                if ok {
+            for (i, r) in pool.replicas.iter().enumerate() {
+                if probe(&client, &r.base).await {
+                    // What a health check would learn: use it now.
+                    pool.checked(i, true);
                     return None;
                 }
             }
@@ -382,17 +446,38 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     let pool = &route.pool;
     let service = pool.service;
     let started = std::time::Instant::now();
-    let mut tried = None;
+    let unavailable = || {
+        Problem::unavailable(format!(
+            "the {service} service cannot be reached; try again shortly"
+        ))
+        .retry_after(Duration::from_secs(1))
+        .into_response()
+    };
+    let mut tried: Option<usize> = None;
     let mut res = loop {
         let Some(i) = pool.pick(tried) else {
-            break Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
-                .detail(format!(
-                    "the {service} service cannot be reached; try again shortly"
-                ))
-                .retry_after(Duration::from_secs(1))
-                .into_response();
+            if tried.is_some() {
+                // The only replica refused the connection.
+                break Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
+                    .detail(format!(
+                        "the {service} service cannot be reached; try again shortly"
+                    ))
+                    .retry_after(Duration::from_secs(1))
+                    .into_response();
+            }
+            // Every replica's breaker is open: fail fast.
+            break unavailable();
         };
         let replica = &pool.replicas[i];
+        // `pick` saw the breaker admit; another request may have taken the
+        // one half-open probe since.
+        let Ok(permit) = replica.breaker.acquire() else {
+            if tried.is_none() {
+                tried = Some(i);
+                continue;
+            }
+            break unavailable();
+        };
         let Ok(uri) = format!("{}{path_and_query}", replica.base).parse::<Uri>() else {
             break Problem::bad_request("malformed request target").into_response();
         };
@@ -409,19 +494,23 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         replica.in_flight.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(Ok(res)) => {
-                pool.healthy(i);
+                if res.status().is_server_error() {
+                    permit.failure();
+                } else {
+                    permit.success();
+                }
                 break res.map(Body::new).into_response();
             }
+            // Refused: nothing was sent, so any request, whatever its
+            // method, can go to another replica once.
             Ok(Err(e)) if e.is_connect() && tried.is_none() => {
+                permit.failure();
                 tracing::warn!(service, replica = %replica.base, error = %e, "replica unreachable; trying another");
-                pool.eject(i);
                 tried = Some(i);
             }
             Ok(Err(e)) => {
+                permit.failure();
                 tracing::warn!(service, replica = %replica.base, error = %e, "upstream unreachable");
-                if e.is_connect() {
-                    pool.eject(i);
-                }
                 break Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
                     .detail(format!(
                         "the {service} service cannot be reached; try again shortly"
@@ -430,7 +519,7 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
                     .into_response();
             }
             Err(_) => {
-                pool.eject(i);
+                permit.failure();
                 break Problem::new(http::StatusCode::GATEWAY_TIMEOUT, "Upstream timeout")
                     .detail(format!(
                         "the {service} service did not answer within {:?}",

@@ -1,8 +1,14 @@
 //! The gateway in front of upstreams that answer, hang or are gone.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use axum::{Router, routing::get};
+use axum::{Router, http::StatusCode, routing::get};
 use restaurant_gateway::{Config, Upstreams};
 use restaurant_platform::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -185,7 +191,137 @@ async fn a_dead_replica_is_skipped_and_traffic_keeps_succeeding() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("gateway_ejections_total"),
-        "the dead replica was ejected"
+        metrics.contains(r#"circuit_breaker_transitions_total{breaker="gateway order"#)
+            && metrics.contains(r#"to="open""#),
+        "the dead replica's breaker opened: {metrics}"
     );
+}
+
+/// A replica whose health and answers the test controls, counting the
+/// requests it gets (health checks aside).
+#[derive(Clone, Default)]
+struct Flaky {
+    failing: Arc<AtomicBool>,
+    hung: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+}
+
+async fn flaky(name: &'static str) -> (String, Flaky) {
+    let state = Flaky::default();
+    let s = state.clone();
+    let r = state.clone();
+    let app = Router::new()
+        .route(
+            "/readyz",
+            get(move || {
+                let r = r.clone();
+                async move {
+                    if r.failing.load(Ordering::SeqCst) || r.hung.load(Ordering::SeqCst) {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    } else {
+                        (StatusCode::OK, "ready")
+                    }
+                }
+            }),
+        )
+        .fallback(move || {
+            let s = s.clone();
+            async move {
+                if s.hung.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+                s.served.fetch_add(1, Ordering::SeqCst);
+                if s.failing.load(Ordering::SeqCst) {
+                    (StatusCode::INTERNAL_SERVER_ERROR, name)
+                } else {
+                    (StatusCode::OK, name)
+                }
+            }
+        });
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (url, state)
+}
+
+async fn gateway_with(upstreams: Upstreams, timeout: Duration) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = restaurant_gateway::start(
+        l,
+        Config {
+            timeout,
+            health_interval: Duration::from_millis(100),
+            ..Config::new(upstreams)
+        },
+        Shutdown::new(),
+    )
+    .unwrap();
+    let url = gw.url();
+    std::mem::forget(gw);
+    url
+}
+
+fn order_pool(order: Vec<String>) -> Upstreams {
+    Upstreams {
+        order,
+        cook: vec!["http://127.0.0.1:9".into()],
+        delivery: vec!["http://127.0.0.1:9".into()],
+        mypage: vec!["http://127.0.0.1:9".into()],
+    }
+}
+
+#[tokio::test]
+async fn a_failing_replica_is_ejected_after_a_few_errors_and_readmitted_when_well() {
+    let ((a, _), (b, sick)) = (flaky("a").await, flaky("b").await);
+    let gw = gateway_with(order_pool(vec![a, b]), Duration::from_secs(5)).await;
+    let c = reqwest::Client::new();
+    sick.failing.store(true, Ordering::SeqCst);
+    let mut errors = 0;
+    for _ in 0..100 {
+        let res = c.get(format!("{gw}/orders/1")).send().await.unwrap();
+        if res.status() != 200 {
+            errors += 1;
+        }
+    }
+    // Its breaker opens after three 5xx in a row, and health checks mark
+    // it unready: what fails is the few requests before that.
+    assert!(errors <= 3, "{errors} of 100 requests failed");
+    let served_while_sick = sick.served.load(Ordering::SeqCst);
+
+    sick.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..40 {
+        let res = c.get(format!("{gw}/orders/1")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert!(
+        sick.served.load(Ordering::SeqCst) > served_while_sick + 5,
+        "the recovered replica gets traffic again"
+    );
+}
+
+#[tokio::test]
+async fn a_hung_replica_times_out_then_its_breaker_fails_calls_fast() {
+    let (only, state) = flaky("only").await;
+    state.hung.store(true, Ordering::SeqCst);
+    let gw = gateway_with(order_pool(vec![only]), Duration::from_millis(200)).await;
+    let c = reqwest::Client::new();
+    for _ in 0..3 {
+        let res = c.get(format!("{gw}/orders/1")).send().await.unwrap();
+        assert_eq!(res.status(), 504);
+    }
+    let started = Instant::now();
+    let res = c.get(format!("{gw}/orders/1")).send().await.unwrap();
+    assert_eq!(res.status(), 503, "the open breaker answers");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "failing fast took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(res.headers()["retry-after"], "1");
+    // Recovery: the next health check re-admits it.
+    state.hung.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let res = c.get(format!("{gw}/orders/1")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
 }

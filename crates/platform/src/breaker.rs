@@ -78,15 +78,15 @@ struct Inner {
 /// Shared by every caller of one dependency.
 #[derive(Clone, Debug)]
 pub struct CircuitBreaker {
-    name: &'static str,
+    name: Arc<str>,
     config: BreakerConfig,
     inner: Arc<Mutex<Inner>>,
 }
 
 /// The circuit is open: the call was not attempted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("circuit {0} is open")]
-pub struct Rejected(pub &'static str);
+pub struct Rejected(pub Arc<str>);
 
 /// Permission for one call. Report how it went with [`Permit::success`] or
 /// [`Permit::failure`]; a permit dropped unreported (its caller was
@@ -118,8 +118,9 @@ impl Drop for Permit {
 }
 
 impl CircuitBreaker {
-    pub fn new(name: &'static str, config: BreakerConfig) -> Self {
-        metrics::gauge!("circuit_breaker_state", "breaker" => name).set(0.0);
+    pub fn new(name: impl Into<Arc<str>>, config: BreakerConfig) -> Self {
+        let name = name.into();
+        metrics::gauge!("circuit_breaker_state", "breaker" => name.to_string()).set(0.0);
         CircuitBreaker {
             name,
             config,
@@ -143,19 +144,42 @@ impl CircuitBreaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a call asked for now would be let through (without asking):
+    /// closed, or open with its period over, or half-open with no probe out.
+    pub fn admits(&self) -> bool {
+        let inner = self.lock();
+        match inner.state {
+            BreakerState::Closed => true,
+            BreakerState::Open => Instant::now() >= inner.open_until,
+            BreakerState::HalfOpen => !inner.probing,
+        }
+    }
+
+    /// Closes the circuit: the dependency is known to be well again (say, an
+    /// active health check passed), so there is no reason to wait for a probe.
+    pub fn reset(&self) {
+        let mut inner = self.lock();
+        inner.failures = 0;
+        if inner.state != BreakerState::Closed {
+            inner.probing = false;
+            inner.open_for = self.config.open_for;
+            self.transition(&mut inner, BreakerState::Closed);
+        }
+    }
+
     /// Asks to make a call.
     pub fn acquire(&self) -> Result<Permit, Rejected> {
         let mut inner = self.lock();
         match inner.state {
             BreakerState::Closed => {}
             BreakerState::Open if Instant::now() < inner.open_until => {
-                return Err(Rejected(self.name));
+                return Err(Rejected(self.name.clone()));
             }
             BreakerState::Open => {
                 self.transition(&mut inner, BreakerState::HalfOpen);
                 inner.probing = true;
             }
-            BreakerState::HalfOpen if inner.probing => return Err(Rejected(self.name)),
+            BreakerState::HalfOpen if inner.probing => return Err(Rejected(self.name.clone())),
             BreakerState::HalfOpen => inner.probing = true,
         }
         drop(inner);
@@ -197,16 +221,17 @@ impl CircuitBreaker {
     fn transition(&self, inner: &mut Inner, to: BreakerState) {
         let from = inner.state;
         inner.state = to;
-        metrics::gauge!("circuit_breaker_state", "breaker" => self.name).set(to.gauge());
-        metrics::counter!("circuit_breaker_transitions_total", "breaker" => self.name, "to" => to.as_str())
+        let name = self.name.to_string();
+        metrics::gauge!("circuit_breaker_state", "breaker" => name.clone()).set(to.gauge());
+        metrics::counter!("circuit_breaker_transitions_total", "breaker" => name, "to" => to.as_str())
             .increment(1);
         match to {
             BreakerState::Open => tracing::warn!(
-                breaker = self.name, from = from.as_str(), open_for = ?inner.open_for,
+                breaker = &*self.name, from = from.as_str(), open_for = ?inner.open_for,
                 "circuit opened: calls fail fast"
             ),
             _ => tracing::info!(
-                breaker = self.name,
+                breaker = &*self.name,
                 from = from.as_str(),
                 to = to.as_str(),
                 "circuit state changed"
@@ -245,7 +270,7 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         fail(&b, 1);
         assert_eq!(b.state(), BreakerState::Open);
-        assert_eq!(b.acquire().unwrap_err(), Rejected("test"));
+        assert_eq!(b.acquire().unwrap_err(), Rejected("test".into()));
     }
 
     #[tokio::test(start_paused = true)]
@@ -291,5 +316,17 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         drop(b.acquire().unwrap());
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_closes_an_open_circuit_at_once() {
+        let b = breaker();
+        fail(&b, 3);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(!b.admits());
+        b.reset();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(b.admits());
+        b.acquire().unwrap().success();
     }
 }
