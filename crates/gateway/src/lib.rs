@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -17,7 +17,7 @@ use axum::{
     Router,
     body::Body,
     extract::{Request, State},
-    http::{HeaderValue, Uri, header},
+    http::{HeaderValue, Method, Uri, header},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -77,6 +77,45 @@ const REPLICA_BREAKER: BreakerConfig = BreakerConfig {
     max_open_for: Duration::from_secs(5),
 };
 
+/// Retries as a share of requests, as in linkerd and Finagle: every request
+/// deposits a fifth of a token, every retry takes one, and the balance is
+/// capped. Retries then add at most ~20% load on top of the traffic: when a
+/// whole service is failing, they stop instead of doubling its load.
+#[derive(Debug)]
+struct RetryBudget {
+    /// Thousandths of a token.
+    balance: AtomicI64,
+}
+
+const RETRY_DEPOSIT: i64 = 200;
+const RETRY_COST: i64 = 1_000;
+/// Ten retries' worth: a quiet service can still retry a few requests.
+const RETRY_CAP: i64 = 10 * RETRY_COST;
+
+impl RetryBudget {
+    fn new() -> Self {
+        RetryBudget {
+            balance: AtomicI64::new(RETRY_CAP),
+        }
+    }
+
+    fn deposit(&self) {
+        let _ = self
+            .balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b < RETRY_CAP).then(|| (b + RETRY_DEPOSIT).min(RETRY_CAP))
+            });
+    }
+
+    fn withdraw(&self) -> bool {
+        self.balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b >= RETRY_COST).then_some(b - RETRY_COST)
+            })
+            .is_ok()
+    }
+}
+
 /// A service's replicas. Requests go to the less busy of two picked
 /// (power of two choices): near least-loaded without scanning, and no herd
 /// on the single least-loaded one.
@@ -89,6 +128,7 @@ struct Pool {
     /// hashes the name and every label).
     latency: metrics::Histogram,
     requests: std::sync::Mutex<std::collections::HashMap<u16, metrics::Counter>>,
+    retries: RetryBudget,
 }
 
 impl Pool {
@@ -113,6 +153,7 @@ impl Pool {
             cursor: AtomicUsize::new(0),
             latency: metrics::histogram!("gateway_request_duration_seconds", "service" => service),
             requests: Default::default(),
+            retries: RetryBudget::new(),
         }
     }
 
@@ -399,6 +440,15 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
             .map(|p| p.as_str().to_owned())
             .unwrap_or_default(),
     };
+    let method = req.method().clone();
+    // Requests that are safe to repeat (RFC 9110 §9.2.2) may be retried on
+    // another replica after a failure that may have reached the upstream.
+    let idempotent = matches!(
+        method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    );
+    let access_log = tracing::enabled!(target: "access", tracing::Level::INFO);
+    let logged_path = access_log.then(|| path.to_owned());
     let (mut parts, body) = req.into_parts();
     let headers = &mut parts.headers;
     for h in HOP_BY_HOP {
@@ -453,7 +503,18 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         .retry_after(Duration::from_secs(1))
         .into_response()
     };
+    pool.retries.deposit();
     let mut tried: Option<usize> = None;
+    // A retry that may repeat an effect: only for idempotent requests, once,
+    // to another replica, within the budget.
+    let may_retry = |tried: Option<usize>| {
+        let ok =
+            idempotent && tried.is_none() && pool.replicas.len() > 1 && pool.retries.withdraw();
+        if ok {
+            metrics::counter!("gateway_retries_total", "service" => service).increment(1);
+        }
+        ok
+    };
     let mut res = loop {
         let Some(i) = pool.pick(tried) else {
             if tried.is_some() {
@@ -494,10 +555,17 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         replica.in_flight.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(Ok(res)) => {
-                if res.status().is_server_error() {
+                let status = res.status();
+                if status.is_server_error() {
                     permit.failure();
                 } else {
                     permit.success();
+                }
+                let transient = matches!(status.as_u16(), 502..=504);
+                if transient && may_retry(tried) {
+                    tracing::warn!(service, replica = %replica.base, %status, "retrying on another replica");
+                    tried = Some(i);
+                    continue;
                 }
                 break res.map(Body::new).into_response();
             }
@@ -506,6 +574,11 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
             Ok(Err(e)) if e.is_connect() && tried.is_none() => {
                 permit.failure();
                 tracing::warn!(service, replica = %replica.base, error = %e, "replica unreachable; trying another");
+                tried = Some(i);
+            }
+            Ok(Err(e)) if may_retry(tried) => {
+                permit.failure();
+                tracing::warn!(service, replica = %replica.base, error = %e, "upstream failed; retrying on another replica");
                 tried = Some(i);
             }
             Ok(Err(e)) => {
@@ -517,6 +590,11 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
                     ))
                     .retry_after(Duration::from_secs(1))
                     .into_response();
+            }
+            Err(_) if may_retry(tried) => {
+                permit.failure();
+                tracing::warn!(service, replica = %replica.base, "upstream timed out; retrying on another replica");
+                tried = Some(i);
             }
             Err(_) => {
                 permit.failure();
@@ -533,8 +611,21 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         res.headers_mut().remove(*h);
     }
     res.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    let elapsed = started.elapsed();
     pool.requests(res.status()).increment(1);
-    pool.latency.record(started.elapsed().as_secs_f64());
+    pool.latency.record(elapsed.as_secs_f64());
+    if let Some(path) = logged_path {
+        tracing::info!(
+            target: "access",
+            %method,
+            path,
+            status = res.status().as_u16(),
+            service,
+            retried = tried.is_some(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            request_id = ?res.headers().get(&X_REQUEST_ID),
+        );
+    }
     res
 }
 
@@ -578,4 +669,27 @@ pub fn start(
         task,
         shutdown,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_budget_allows_a_fifth_of_the_traffic_after_its_reserve() {
+        let b = RetryBudget::new();
+        assert_eq!((0..20).filter(|_| b.withdraw()).count(), 10, "the reserve");
+        for _ in 0..50 {
+            b.deposit();
+        }
+        assert_eq!(
+            (0..20).filter(|_| b.withdraw()).count(),
+            10,
+            "50 requests earn 10 retries"
+        );
+        for _ in 0..1000 {
+            b.deposit();
+        }
+        assert_eq!((0..20).filter(|_| b.withdraw()).count(), 10, "capped");
+    }
 }

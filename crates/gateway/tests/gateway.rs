@@ -202,6 +202,8 @@ async fn a_dead_replica_is_skipped_and_traffic_keeps_succeeding() {
 #[derive(Clone, Default)]
 struct Flaky {
     failing: Arc<AtomicBool>,
+    /// Answer 503 (a transient failure) while staying "ready".
+    overloaded: Arc<AtomicBool>,
     hung: Arc<AtomicBool>,
     served: Arc<AtomicUsize>,
 }
@@ -231,6 +233,9 @@ async fn flaky(name: &'static str) -> (String, Flaky) {
                     std::future::pending::<()>().await;
                 }
                 s.served.fetch_add(1, Ordering::SeqCst);
+                if s.overloaded.load(Ordering::SeqCst) {
+                    return (StatusCode::SERVICE_UNAVAILABLE, name);
+                }
                 if s.failing.load(Ordering::SeqCst) {
                     (StatusCode::INTERNAL_SERVER_ERROR, name)
                 } else {
@@ -324,4 +329,49 @@ async fn a_hung_replica_times_out_then_its_breaker_fails_calls_fast() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let res = c.get(format!("{gw}/orders/1")).send().await.unwrap();
     assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn only_idempotent_requests_are_retried_on_another_replica() {
+    let ((a, busy), (b, well)) = (flaky("a").await, flaky("b").await);
+    busy.overloaded.store(true, Ordering::SeqCst);
+    let gw = gateway_with(order_pool(vec![a, b]), Duration::from_secs(5)).await;
+    let c = reqwest::Client::new();
+    let mut unavailable = 0;
+    for _ in 0..20 {
+        let res = c.post(format!("{gw}/orders")).send().await.unwrap();
+        match res.status().as_u16() {
+            200 => {}
+            503 => unavailable += 1,
+            s => panic!("unexpected {s}"),
+        }
+    }
+    let hits = busy.served.load(Ordering::SeqCst) + well.served.load(Ordering::SeqCst);
+    assert_eq!(hits, 20, "a POST reached an upstream exactly once");
+    assert_eq!(unavailable, busy.served.load(Ordering::SeqCst));
+    assert!(unavailable > 0, "some POSTs met the busy replica");
+
+    // GETs that meet the busy replica go to the other one instead.
+    tokio::time::sleep(Duration::from_millis(600)).await; // its breaker half-opens
+    let before = busy.served.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        let res = c.get(format!("{gw}/orders/1")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert!(
+        busy.served.load(Ordering::SeqCst) > before,
+        "a GET met the busy one"
+    );
+    let metrics = c
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"gateway_retries_total{service="order"}"#),
+        "{metrics}"
+    );
 }
