@@ -49,6 +49,23 @@ pub struct UpConfig {
     pub seed_demo_menu: bool,
     /// Requests the gateway proxies at once before it sheds with 503.
     pub max_in_flight: usize,
+    /// Origins the gateway allows for browsers (CORS); empty: none.
+    pub cors_origins: Vec<String>,
+    /// How long the gateway stays up, unready, after being told to stop.
+    pub gateway_drain: Duration,
+}
+
+/// The gateway's configuration for `cfg`.
+pub fn gateway_config(
+    cfg: &UpConfig,
+    upstreams: restaurant_gateway::Upstreams,
+) -> restaurant_gateway::Config {
+    restaurant_gateway::Config {
+        max_in_flight: cfg.max_in_flight,
+        cors_origins: cfg.cors_origins.clone(),
+        drain: cfg.gateway_drain,
+        ..restaurant_gateway::Config::new(upstreams)
+    }
 }
 
 impl UpConfig {
@@ -67,6 +84,8 @@ impl UpConfig {
             cancel_breaker: BreakerConfig::default(),
             seed_demo_menu: true,
             max_in_flight: 2048,
+            cors_origins: Vec::new(),
+            gateway_drain: Duration::ZERO,
         }
     }
 }
@@ -232,14 +251,8 @@ impl System {
         let listener = TcpListener::bind(("127.0.0.1", cfg.port))
             .await
             .with_context(|| format!("binding the gateway to port {}", cfg.port))?;
-        let gateway = restaurant_gateway::start(
-            listener,
-            restaurant_gateway::Config {
-                max_in_flight: cfg.max_in_flight,
-                ..restaurant_gateway::Config::new(upstreams)
-            },
-            Shutdown::new(),
-        )?;
+        let gateway =
+            restaurant_gateway::start(listener, gateway_config(&cfg, upstreams), Shutdown::new())?;
         Ok(System {
             gateway_url: gateway.url(),
             gateway,

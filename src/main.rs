@@ -52,6 +52,15 @@ struct Tuning {
     /// Requests the gateway proxies at once; beyond that it sheds with 503.
     #[arg(long, default_value_t = 2048)]
     max_in_flight: usize,
+    /// Browser origins the gateway allows (CORS), comma-separated; `*` for
+    /// any. None by default: no CORS headers.
+    #[arg(long, value_delimiter = ',')]
+    cors_origin: Vec<String>,
+    /// On SIGTERM the gateway reports not ready and keeps serving this long
+    /// before it stops accepting (let a load balancer notice; 5s under
+    /// Kubernetes), then finishes what is in flight.
+    #[arg(long, default_value = "0s")]
+    drain: Timer,
 }
 
 impl Tuning {
@@ -67,6 +76,8 @@ impl Tuning {
             cfg.cancel_breaker.open_for = open;
         }
         cfg.max_in_flight = self.max_in_flight;
+        cfg.cors_origins = self.cors_origin.clone();
+        cfg.gateway_drain = self.drain.0.unwrap_or_default();
         cfg
     }
 }
@@ -263,10 +274,7 @@ async fn main() -> anyhow::Result<()> {
                     delivery: required(delivery_url, "delivery-url")?,
                     mypage: required(mypage_url, "mypage-url")?,
                 };
-                let config = restaurant_gateway::Config {
-                    max_in_flight: cfg.max_in_flight,
-                    ..restaurant_gateway::Config::new(upstreams)
-                };
+                let config = restaurant::gateway_config(&cfg, upstreams);
                 let gateway = restaurant_gateway::start(listener, config, Shutdown::new())?;
                 println!("gateway listening on http://{addr}");
                 restaurant::supervisor::stop_requested().await;

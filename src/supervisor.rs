@@ -105,7 +105,12 @@ fn common_args(cfg: &UpConfig) -> Vec<String> {
         timer_arg(Some(cfg.cancel_breaker.open_for)),
         "--max-in-flight".into(),
         cfg.max_in_flight.to_string(),
+        "--drain".into(),
+        timer_arg(Some(cfg.gateway_drain)),
     ];
+    if !cfg.cors_origins.is_empty() {
+        args.extend(["--cors-origin".into(), cfg.cors_origins.join(",")]);
+    }
     if !cfg.fsync {
         args.push("--no-fsync".into());
     }

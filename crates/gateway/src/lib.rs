@@ -297,6 +297,11 @@ pub struct Config {
     pub max_in_flight: usize,
     /// How often every replica's `/readyz` is checked.
     pub health_interval: Duration,
+    /// Browser origins allowed by CORS (`*` for any); empty: no CORS.
+    pub cors_origins: Vec<String>,
+    /// After shutdown is triggered: how long to keep serving while `/readyz`
+    /// says 503, so load balancers stop sending before connections close.
+    pub drain: Duration,
 }
 
 impl Config {
@@ -306,6 +311,8 @@ impl Config {
             timeout: Duration::from_secs(10),
             max_in_flight: 2048,
             health_interval: Duration::from_millis(500),
+            cors_origins: Vec::new(),
+            drain: Duration::ZERO,
         }
     }
 }
@@ -329,7 +336,7 @@ pub fn router(config: Config, shutdown: Shutdown) -> Router {
         shutdown,
     };
     tokio::spawn(check_health(gw.clone(), config.health_interval));
-    Router::new()
+    let router = Router::new()
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -341,7 +348,39 @@ pub fn router(config: Config, shutdown: Shutdown) -> Router {
         )
         .fallback(proxy)
         .with_state(gw)
-        .layer(axum::middleware::from_fn(problem_safety_net))
+        .layer(axum::middleware::from_fn(problem_safety_net));
+    match cors(&config.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// CORS for browser clients: preflights answered here, the API's own
+/// headers allowed in, and the ones a client reads (request id, location,
+/// retry-after) exposed.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("idempotency-key"),
+                X_REQUEST_ID.clone(),
+                TRACEPARENT.clone(),
+            ])
+            .expose_headers([X_REQUEST_ID.clone(), header::LOCATION, header::RETRY_AFTER])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// Asks a replica's `/readyz`, with a short deadline.
@@ -657,10 +696,11 @@ pub fn start(
     shutdown: Shutdown,
 ) -> std::io::Result<RunningGateway> {
     let addr = listener.local_addr()?;
+    let drain = config.drain;
     let app = router(config, shutdown.clone());
     let s = shutdown.clone();
     let task = tokio::spawn(async move {
-        if let Err(e) = restaurant_platform::http::serve(listener, app, s).await {
+        if let Err(e) = restaurant_platform::http::serve_draining(listener, app, s, drain).await {
             tracing::error!(error = %e, "gateway server failed");
         }
     });

@@ -375,3 +375,222 @@ async fn only_idempotent_requests_are_retried_on_another_replica() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn cors_answers_preflights_for_allowed_origins_only() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = restaurant_gateway::start(
+        l,
+        Config {
+            cors_origins: vec!["https://app.example".into()],
+            ..Config::new(order_pool(vec![echo().await]))
+        },
+        Shutdown::new(),
+    )
+    .unwrap();
+    let url = gw.url();
+    let c = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        c.request(reqwest::Method::OPTIONS, format!("{url}/orders"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,idempotency-key",
+            )
+            .send()
+    };
+    let ok = preflight("https://app.example").await.unwrap();
+    assert!(ok.status().is_success());
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let allowed = ok.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap();
+    assert!(allowed.contains("idempotency-key"), "{allowed}");
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+    let res = c
+        .get(format!("{url}/orders/1"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let exposed = res.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+}
+
+#[tokio::test]
+async fn on_shutdown_it_reports_unready_first_and_keeps_serving_through_the_drain() {
+    let (only, _) = flaky("only").await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shutdown = Shutdown::new();
+    let gw = restaurant_gateway::start(
+        l,
+        Config {
+            drain: Duration::from_millis(500),
+            ..Config::new(order_pool(vec![only]))
+        },
+        shutdown.clone(),
+    )
+    .unwrap();
+    let url = gw.url();
+    let c = reqwest::Client::new();
+    assert_eq!(
+        c.get(format!("{url}/orders/1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let stopping = tokio::spawn(gw.stop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ready = c.get(format!("{url}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "unready at once");
+    let res = c.get(format!("{url}/orders/1")).send().await.unwrap();
+    assert_eq!(res.status(), 200, "still serving while draining");
+    let started = Instant::now();
+    stopping.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        c.get(format!("{url}/orders/1")).send().await.is_err(),
+        "stopped accepting after the drain"
+    );
+}
+
+/// A replica that can be restarted on its port the way an orchestrator
+/// does it: report unready, wait, stop gracefully, start again.
+struct Restartable {
+    addr: std::net::SocketAddr,
+    draining: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Restartable {
+    async fn start(addr: &str) -> Self {
+        let mut r = Restartable {
+            addr: addr.parse().unwrap(),
+            draining: Arc::default(),
+            served: Arc::default(),
+            stop: None,
+            task: None,
+        };
+        r.serve().await;
+        r
+    }
+
+    async fn serve(&mut self) {
+        let (draining, served) = (self.draining.clone(), self.served.clone());
+        let app = Router::new()
+            .route(
+                "/readyz",
+                get(move || {
+                    let draining = draining.clone();
+                    async move {
+                        if draining.load(Ordering::SeqCst) {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        } else {
+                            StatusCode::OK
+                        }
+                    }
+                }),
+            )
+            .fallback(move || {
+                let served = served.clone();
+                async move {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    "ok"
+                }
+            });
+        let l = TcpListener::bind(self.addr).await.unwrap();
+        self.addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(tx);
+        self.task = Some(tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        }));
+    }
+
+    async fn restart(&mut self) {
+        self.draining.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.serve().await;
+        self.draining.store(false, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn no_request_fails_while_one_of_two_replicas_restarts_under_load() {
+    let stable = Restartable::start("127.0.0.1:0").await;
+    let mut restarted = Restartable::start("127.0.0.1:0").await;
+    let gw = gateway_with(
+        order_pool(vec![
+            format!("http://{}", stable.addr),
+            format!("http://{}", restarted.addr),
+        ]),
+        Duration::from_secs(5),
+    )
+    .await;
+    let running = Arc::new(AtomicBool::new(true));
+    let load: Vec<_> = (0..4)
+        .map(|w| {
+            let (gw, running) = (gw.clone(), running.clone());
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                let (mut sent, mut failed) = (0, Vec::new());
+                while running.load(Ordering::SeqCst) {
+                    let res = if (sent + w) % 2 == 0 {
+                        c.get(format!("{gw}/orders/1")).send().await
+                    } else {
+                        c.post(format!("{gw}/orders")).send().await
+                    };
+                    sent += 1;
+                    match res {
+                        Ok(r) if r.status().is_success() => {}
+                        Ok(r) => failed.push(r.status().to_string()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    restarted.restart().await;
+    let before = restarted.served.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.store(false, Ordering::SeqCst);
+    let mut total = 0;
+    for l in load {
+        let (sent, failed) = l.await.unwrap();
+        assert!(failed.is_empty(), "failed: {failed:?}");
+        total += sent;
+    }
+    assert!(total > 100, "steady load: {total} requests");
+    assert!(
+        restarted.served.load(Ordering::SeqCst) > before,
+        "the restarted replica is back in rotation"
+    );
+    drop(stable);
+}

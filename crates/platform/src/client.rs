@@ -109,6 +109,11 @@ impl JsonClient {
                 .to_bytes();
             Ok((status, body))
         };
+        // No time left: do not send. (A zero timeout would still let the
+        // call win the race against the timer on a busy runtime.)
+        if deadline.is_zero() {
+            return Err(CallError::Timeout(deadline));
+        }
         tokio::time::timeout(deadline, call)
             .await
             .map_err(|_| CallError::Timeout(deadline))?

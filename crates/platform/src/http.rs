@@ -388,6 +388,18 @@ pub async fn serve(
     router: Router,
     shutdown: crate::shutdown::Shutdown,
 ) -> std::io::Result<()> {
+    serve_draining(listener, router, shutdown, Duration::ZERO).await
+}
+
+/// [`serve`], but once shutdown is triggered it keeps accepting and serving
+/// for `drain` (readiness already answers 503, so load balancers move away)
+/// before it stops accepting and finishes the requests in flight.
+pub async fn serve_draining(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: crate::shutdown::Shutdown,
+    drain: Duration,
+) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     // Responses are written whole; Nagle would only hold back the last
     // segment of one until the peer's delayed ACK.
@@ -395,6 +407,9 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
     });
     axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .with_graceful_shutdown(async move {
+            shutdown.wait().await;
+            tokio::time::sleep(drain).await;
+        })
         .await
 }
