@@ -141,6 +141,11 @@ enum Command {
         /// The JetStream stream's name.
         #[arg(long, default_value = "restaurant")]
         stream: String,
+        /// The gateway's configuration file (TOML: upstreams, routes,
+        /// timeouts, health checks, CORS, drain); `--*-url` flags given
+        /// as well replace that upstream's replicas.
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[command(flatten)]
         tuning: Tuning,
     },
@@ -256,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
             database_url,
             nats_url,
             stream,
+            config,
             tuning,
         } => {
             let mut cfg = tuning.config(port);
@@ -268,13 +274,34 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding port {port}"))?;
             let addr = listener.local_addr()?;
             if service == "gateway" {
-                let upstreams = restaurant_gateway::Upstreams {
-                    order: required(order_url, "order-url")?,
-                    cook: required(cook_url, "cook-url")?,
-                    delivery: required(delivery_url, "delivery-url")?,
-                    mypage: required(mypage_url, "mypage-url")?,
+                let config = match config {
+                    Some(path) => {
+                        let text = std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading {}", path.display()))?;
+                        let mut config = restaurant_gateway::Config::from_toml(&text)
+                            .with_context(|| format!("in {}", path.display()))?;
+                        for (name, urls) in [
+                            ("order", order_url),
+                            ("cook", cook_url),
+                            ("delivery", delivery_url),
+                            ("mypage", mypage_url),
+                        ] {
+                            if !urls.is_empty() {
+                                config.upstreams.insert(name.to_owned(), urls);
+                            }
+                        }
+                        config
+                    }
+                    None => {
+                        let upstreams = restaurant_gateway::Upstreams {
+                            order: required(order_url, "order-url")?,
+                            cook: required(cook_url, "cook-url")?,
+                            delivery: required(delivery_url, "delivery-url")?,
+                            mypage: required(mypage_url, "mypage-url")?,
+                        };
+                        restaurant::gateway_config(&cfg, upstreams)
+                    }
                 };
-                let config = restaurant::gateway_config(&cfg, upstreams);
                 let gateway = restaurant_gateway::start(listener, config, Shutdown::new())?;
                 println!("gateway listening on http://{addr}");
                 restaurant::supervisor::stop_requested().await;

@@ -223,41 +223,116 @@ impl Pool {
 /// boundary) go to `pool`; `rewrite` replaces the prefix if set.
 #[derive(Clone, Debug)]
 struct Route {
-    prefix: &'static str,
-    rewrite: Option<&'static str>,
+    prefix: String,
+    rewrite: Option<String>,
     pool: Arc<Pool>,
+    /// Deadline of one upstream exchange on this route.
+    timeout: Duration,
 }
 
 impl Route {
     fn matches(&self, path: &str) -> bool {
-        path.strip_prefix(self.prefix)
+        path.strip_prefix(self.prefix.as_str())
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 }
 
-fn routes(u: &Upstreams) -> (Vec<Route>, Vec<Arc<Pool>>) {
-    let order = Arc::new(Pool::new("order", &u.order));
-    let cook = Arc::new(Pool::new("cook", &u.cook));
-    let delivery = Arc::new(Pool::new("delivery", &u.delivery));
-    let mypage = Arc::new(Pool::new("mypage", &u.mypage));
-    let r = |prefix, rewrite, pool: &Arc<Pool>| Route {
-        prefix,
-        rewrite,
-        pool: pool.clone(),
-    };
-    let routes = vec![
-        r("/orders", None, &order),
-        r("/menus", None, &cook),
-        r("/cooks", None, &cook),
-        r("/deliveries", None, &delivery),
-        r("/mypages", None, &mypage),
-        // Each service's dead-letter admin, under one roof.
-        r("/admin/order", Some("/admin"), &order),
-        r("/admin/cook", Some("/admin"), &cook),
-        r("/admin/delivery", Some("/admin"), &delivery),
-        r("/admin/mypage", Some("/admin"), &mypage),
+/// A route as configured.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix, matched at a segment boundary (`/orders` matches
+    /// `/orders` and `/orders/1`, not `/ordersx`); the longest match wins.
+    pub prefix: String,
+    /// The upstream (a key of `upstreams`) that serves it.
+    pub upstream: String,
+    /// Replaces the prefix before forwarding, if set.
+    #[serde(default)]
+    pub rewrite: Option<String>,
+    /// This route's upstream deadline, instead of the gateway's `timeout`.
+    #[serde(default, rename = "timeout_ms", deserialize_with = "millis")]
+    pub timeout: Option<Duration>,
+}
+
+fn millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    Ok(<Option<u64> as serde::Deserialize>::deserialize(d)?.map(Duration::from_millis))
+}
+
+impl RouteConfig {
+    fn new(prefix: &str, upstream: &str, rewrite: Option<&str>) -> Self {
+        RouteConfig {
+            prefix: prefix.into(),
+            upstream: upstream.into(),
+            rewrite: rewrite.map(Into::into),
+            timeout: None,
+        }
+    }
+}
+
+/// The routes of the restaurant API: each service's resources, and each
+/// service's dead-letter admin under `/admin/<service>`.
+pub fn default_routes() -> Vec<RouteConfig> {
+    let mut routes = vec![
+        RouteConfig::new("/orders", "order", None),
+        RouteConfig::new("/menus", "cook", None),
+        RouteConfig::new("/cooks", "cook", None),
+        RouteConfig::new("/deliveries", "delivery", None),
+        RouteConfig::new("/mypages", "mypage", None),
     ];
-    (routes, vec![cook, delivery, mypage, order])
+    for service in ["order", "cook", "delivery", "mypage"] {
+        routes.push(RouteConfig::new(
+            &format!("/admin/{service}"),
+            service,
+            Some("/admin"),
+        ));
+    }
+    routes
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("the gateway configuration is not valid TOML for it: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("route {prefix}: {why}")]
+    Route { prefix: String, why: String },
+    #[error("upstream {0} has no replicas")]
+    Empty(String),
+}
+
+/// Builds the routing table: one pool per upstream, routes longest prefix
+/// first.
+fn routes(config: &Config) -> Result<(Vec<Route>, Vec<Arc<Pool>>), ConfigError> {
+    let mut pools = std::collections::BTreeMap::new();
+    for (name, replicas) in &config.upstreams {
+        if replicas.is_empty() {
+            return Err(ConfigError::Empty(name.clone()));
+        }
+        // Pool names label metrics for the life of the process.
+        let service: &'static str = Box::leak(name.clone().into_boxed_str());
+        pools.insert(name.clone(), Arc::new(Pool::new(service, replicas)));
+    }
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for r in &config.routes {
+        let bad = |why: &str| ConfigError::Route {
+            prefix: r.prefix.clone(),
+            why: why.into(),
+        };
+        if !r.prefix.starts_with('/') || r.prefix.len() > 1 && r.prefix.ends_with('/') {
+            return Err(bad("a prefix starts with / and does not end with one"));
+        }
+        let pool = pools
+            .get(&r.upstream)
+            .ok_or_else(|| bad(&format!("no upstream named {}", r.upstream)))?;
+        routes.push(Route {
+            prefix: r.prefix.clone(),
+            rewrite: r.rewrite.clone(),
+            pool: pool.clone(),
+            timeout: r.timeout.unwrap_or(config.timeout),
+        });
+    }
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+    Ok((routes, pools.into_values().collect()))
 }
 
 /// Largest request body the gateway forwards.
@@ -280,7 +355,6 @@ struct Gateway {
     routes: Arc<Vec<Route>>,
     pools: Arc<Vec<Arc<Pool>>>,
     client: Client<HttpConnector, Body>,
-    timeout: Duration,
     /// Proxied requests in flight. When none is left the gateway sheds load
     /// with a fast 503 + Retry-After instead of queueing without bound: a
     /// queue only converts overload into timeouts for everyone.
@@ -288,36 +362,113 @@ struct Gateway {
     shutdown: Shutdown,
 }
 
-#[derive(Clone, Debug)]
+/// The gateway's configuration: `Config::new` for the restaurant's
+/// services, or a TOML file (`Config::from_toml`, `serve gateway --config`).
+///
+/// ```toml
+/// timeout_ms = 10000          # upstream deadline, unless a route says otherwise
+/// max_in_flight = 2048        # beyond it: 503 + Retry-After
+/// health_interval_ms = 500    # active checks of every replica's /readyz
+/// drain_ms = 5000             # on SIGTERM: unready, still serving, this long
+/// cors_origins = ["https://app.example"]
+///
+/// [upstreams]
+/// order = ["http://10.0.0.1:8081", "http://10.0.0.2:8081"]
+/// cook = ["http://10.0.0.1:8082"]
+/// delivery = ["http://10.0.0.1:8083"]
+/// mypage = ["http://10.0.0.1:8084"]
+///
+/// [[routes]]                  # optional: the restaurant's routes by default
+/// prefix = "/orders"
+/// upstream = "order"
+/// timeout_ms = 2000
+/// ```
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
-    pub upstreams: Upstreams,
+    /// Upstream name → its replicas' base URLs.
+    pub upstreams: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(default = "default_routes")]
+    pub routes: Vec<RouteConfig>,
     /// Deadline for one upstream exchange (headers of the response).
+    #[serde(
+        default = "defaults::timeout",
+        rename = "timeout_ms",
+        deserialize_with = "millis_or"
+    )]
     pub timeout: Duration,
     /// Most proxied requests in flight at once; beyond it, 503.
+    #[serde(default = "defaults::max_in_flight")]
     pub max_in_flight: usize,
     /// How often every replica's `/readyz` is checked.
+    #[serde(
+        default = "defaults::health_interval",
+        rename = "health_interval_ms",
+        deserialize_with = "millis_or"
+    )]
     pub health_interval: Duration,
     /// Browser origins allowed by CORS (`*` for any); empty: no CORS.
+    #[serde(default)]
     pub cors_origins: Vec<String>,
     /// After shutdown is triggered: how long to keep serving while `/readyz`
     /// says 503, so load balancers stop sending before connections close.
+    #[serde(default, rename = "drain_ms", deserialize_with = "millis_or")]
     pub drain: Duration,
 }
 
+fn millis_or<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    Ok(Duration::from_millis(
+        <u64 as serde::Deserialize>::deserialize(d)?,
+    ))
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+
+    pub fn max_in_flight() -> usize {
+        2048
+    }
+
+    pub fn health_interval() -> Duration {
+        Duration::from_millis(500)
+    }
+}
+
 impl Config {
+    /// The restaurant's routes in front of these replicas.
     pub fn new(upstreams: Upstreams) -> Self {
         Config {
-            upstreams,
-            timeout: Duration::from_secs(10),
-            max_in_flight: 2048,
-            health_interval: Duration::from_millis(500),
+            upstreams: [
+                ("order", upstreams.order),
+                ("cook", upstreams.cook),
+                ("delivery", upstreams.delivery),
+                ("mypage", upstreams.mypage),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+            routes: default_routes(),
+            timeout: defaults::timeout(),
+            max_in_flight: defaults::max_in_flight(),
+            health_interval: defaults::health_interval(),
             cors_origins: Vec::new(),
             drain: Duration::ZERO,
         }
     }
+
+    /// Reads a configuration file's text, and checks that it can work.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        routes(&config)?;
+        Ok(config)
+    }
 }
 
-pub fn router(config: Config, shutdown: Shutdown) -> Router {
+pub fn router(config: Config, shutdown: Shutdown) -> Result<Router, ConfigError> {
     restaurant_platform::telemetry::metrics_handle();
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -326,12 +477,11 @@ pub fn router(config: Config, shutdown: Shutdown) -> Router {
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
         .build(connector);
-    let (routes, pools) = routes(&config.upstreams);
+    let (routes, pools) = routes(&config)?;
     let gw = Gateway {
         routes: Arc::new(routes),
         pools: Arc::new(pools),
         client,
-        timeout: config.timeout,
         in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
         shutdown,
     };
@@ -349,10 +499,10 @@ pub fn router(config: Config, shutdown: Shutdown) -> Router {
         .fallback(proxy)
         .with_state(gw)
         .layer(axum::middleware::from_fn(problem_safety_net));
-    match cors(&config.cors_origins) {
+    Ok(match cors(&config.cors_origins) {
         Some(layer) => router.layer(layer),
         None => router,
-    }
+    })
 }
 
 /// CORS for browser clients: preflights answered here, the API's own
@@ -470,7 +620,7 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         return Problem::not_found(format!("no route for {path}")).into_response();
     };
     let rest = &path[route.prefix.len()..];
-    let path_and_query = match (route.rewrite, req.uri().query()) {
+    let path_and_query = match (route.rewrite.as_deref(), req.uri().query()) {
         (Some(to), Some(q)) => format!("{to}{rest}?{q}"),
         (Some(to), None) => format!("{to}{rest}"),
         (None, _) => req
@@ -590,7 +740,7 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         let mut attempt = Request::from_parts(attempt_parts, Body::from(body.clone()));
         *attempt.uri_mut() = uri;
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = tokio::time::timeout(gw.timeout, gw.client.request(attempt)).await;
+        let result = tokio::time::timeout(route.timeout, gw.client.request(attempt)).await;
         replica.in_flight.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(Ok(res)) => {
@@ -640,7 +790,7 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
                 break Problem::new(http::StatusCode::GATEWAY_TIMEOUT, "Upstream timeout")
                     .detail(format!(
                         "the {service} service did not answer within {:?}",
-                        gw.timeout
+                        route.timeout
                     ))
                     .into_response();
             }
@@ -697,7 +847,8 @@ pub fn start(
 ) -> std::io::Result<RunningGateway> {
     let addr = listener.local_addr()?;
     let drain = config.drain;
-    let app = router(config, shutdown.clone());
+    let app = router(config, shutdown.clone())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let s = shutdown.clone();
     let task = tokio::spawn(async move {
         if let Err(e) = restaurant_platform::http::serve_draining(listener, app, s, drain).await {

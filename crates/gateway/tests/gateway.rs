@@ -44,6 +44,10 @@ async fn hung() -> String {
     url
 }
 
+async fn status(c: &reqwest::Client, url: String) -> u16 {
+    c.get(url).send().await.unwrap().status().as_u16()
+}
+
 async fn gone() -> String {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
@@ -445,14 +449,7 @@ async fn on_shutdown_it_reports_unready_first_and_keeps_serving_through_the_drai
     .unwrap();
     let url = gw.url();
     let c = reqwest::Client::new();
-    assert_eq!(
-        c.get(format!("{url}/orders/1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&c, format!("{url}/orders/1")).await, 200);
     let stopping = tokio::spawn(gw.stop());
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ready = c.get(format!("{url}/readyz")).send().await.unwrap();
@@ -593,4 +590,67 @@ async fn no_request_fails_while_one_of_two_replicas_restarts_under_load() {
         "the restarted replica is back in rotation"
     );
     drop(stable);
+}
+
+#[tokio::test]
+async fn routes_upstreams_and_per_route_timeouts_come_from_a_toml_file() {
+    let (fast, slow) = (echo().await, hung().await);
+    let config = Config::from_toml(&format!(
+        r#"
+        timeout_ms = 5000
+        health_interval_ms = 100
+
+        [upstreams]
+        api = ["{fast}", "{fast}"]
+        legacy = ["{slow}"]
+
+        [[routes]]
+        prefix = "/v2"
+        upstream = "api"
+        rewrite = "/orders"
+
+        [[routes]]
+        prefix = "/v2/slow"
+        upstream = "legacy"
+        timeout_ms = 200
+        "#
+    ))
+    .unwrap();
+    assert_eq!(config.upstreams["api"].len(), 2);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = restaurant_gateway::start(l, config, Shutdown::new()).unwrap();
+    let url = gw.url();
+    let c = reqwest::Client::new();
+    let res = c.get(format!("{url}/v2/7?x=1")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.unwrap().starts_with("/orders/7?x=1 "));
+    // The longer prefix wins, with its own deadline.
+    let started = Instant::now();
+    let res = c.get(format!("{url}/v2/slow/1")).send().await.unwrap();
+    assert_eq!(res.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The restaurant's routes are not there unless configured.
+    assert_eq!(status(&c, format!("{url}/orders/1")).await, 404);
+}
+
+#[test]
+fn a_configuration_that_cannot_work_is_refused_with_the_reason() {
+    let err = |text: &str| Config::from_toml(text).unwrap_err().to_string();
+    assert!(err("[upstreams]\norder = []").contains("order has no replicas"));
+    let e = err("[upstreams]\na = [\"http://x\"]\n[[routes]]\nprefix = \"/p\"\nupstream = \"b\"");
+    assert!(e.contains("no upstream named b"), "{e}");
+    let e = err("[upstreams]\na = [\"http://x\"]\n[[routes]]\nprefix = \"p\"\nupstream = \"a\"");
+    assert!(e.contains("starts with /"), "{e}");
+    assert!(err("timeout = 5\n[upstreams]").contains("unknown field"));
+    // Without routes, the restaurant's are used.
+    let c = Config::from_toml(
+        "[upstreams]\norder = [\"http://o\"]\ncook = [\"http://c\"]\n\
+         delivery = [\"http://d\"]\nmypage = [\"http://m\"]",
+    )
+    .unwrap();
+    assert_eq!(c.routes, restaurant_gateway::default_routes());
 }
