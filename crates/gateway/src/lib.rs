@@ -21,7 +21,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use http_body_util::BodyExt as _;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -335,8 +334,13 @@ fn routes(config: &Config) -> Result<(Vec<Route>, Vec<Arc<Pool>>), ConfigError> 
     Ok((routes, pools.into_values().collect()))
 }
 
-/// Largest request body the gateway forwards.
-const MAX_PROXIED_BODY: usize = 1024 * 1024;
+/// Largest request body the gateway forwards: the services' own limit, so
+/// a body they would refuse is refused here, after it was read whole, and
+/// never races the upstream's early answer against our upload to it.
+const MAX_PROXIED_BODY: usize = restaurant_platform::http::MAX_BODY_BYTES;
+/// How much of a too-large body is still read (and dropped) before the 413,
+/// so a client that is still sending gets the answer instead of a reset.
+const MAX_DISCARDED_BODY: usize = 4 * 1024 * 1024;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
@@ -608,6 +612,34 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
     }
 }
 
+/// Why a request body is not forwarded.
+enum BodyError {
+    /// Larger than [`MAX_PROXIED_BODY`] (read and dropped up to
+    /// [`MAX_DISCARDED_BODY`], so the client hears why).
+    TooLarge,
+    /// The client stopped sending midway: a truncated body is never forwarded.
+    Broken,
+}
+
+async fn read_body(body: Body) -> Result<axum::body::Bytes, BodyError> {
+    let mut body = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+        let chunk = chunk.map_err(|_| BodyError::Broken)?;
+        seen += chunk.len();
+        if seen <= MAX_PROXIED_BODY {
+            buf.extend_from_slice(&chunk);
+        } else if seen > MAX_DISCARDED_BODY {
+            return Err(BodyError::TooLarge);
+        }
+    }
+    if seen > MAX_PROXIED_BODY {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(buf.into())
+}
+
 async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     let Ok(_slot) = gw.in_flight.clone().try_acquire_owned() else {
         metrics::counter!("gateway_shed_total").increment(1);
@@ -667,18 +699,19 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     let body = if hyper::body::Body::is_end_stream(&body) {
         axum::body::Bytes::new()
     } else {
-        match http_body_util::Limited::new(body, MAX_PROXIED_BODY)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
+        match read_body(body).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
                 return Problem::new(
                     http::StatusCode::PAYLOAD_TOO_LARGE,
                     "Request body too large",
                 )
                 .detail(format!("the body exceeds {MAX_PROXIED_BODY} bytes"))
                 .into_response();
+            }
+            Err(BodyError::Broken) => {
+                return Problem::bad_request("the request body could not be read whole")
+                    .into_response();
             }
         }
     };

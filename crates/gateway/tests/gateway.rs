@@ -654,3 +654,42 @@ fn a_configuration_that_cannot_work_is_refused_with_the_reason() {
     .unwrap();
     assert_eq!(c.routes, restaurant_gateway::default_routes());
 }
+
+#[tokio::test]
+async fn a_body_larger_than_the_services_accept_is_refused_here_with_413() {
+    let gw = gateway(
+        Upstreams::single(echo().await, gone().await, gone().await, gone().await),
+        Duration::from_secs(5),
+        16,
+    )
+    .await;
+    let c = reqwest::Client::new();
+    for size in [70 * 1024, 1024 * 1024, 8 * 1024 * 1024] {
+        let res = c
+            .post(format!("{gw}/orders"))
+            .header("content-type", "application/json")
+            .body("x".repeat(size))
+            .send()
+            .await;
+        match res {
+            Ok(res) => {
+                assert_eq!(res.status(), 413, "{size} bytes");
+                assert_eq!(res.headers()["content-type"], "application/problem+json");
+            }
+            // Past the discard limit the gateway may close while the client
+            // is still sending; below it the client must hear the 413.
+            Err(e) => assert!(size > 4 * 1024 * 1024, "{size} bytes: {e}"),
+        }
+    }
+    let ok = c
+        .post(format!("{gw}/orders"))
+        .body("x".repeat(60 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.status(),
+        405,
+        "a body within the limit reaches the upstream"
+    );
+}
