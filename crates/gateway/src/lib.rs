@@ -123,10 +123,6 @@ struct Pool {
     service: &'static str,
     replicas: Vec<Replica>,
     cursor: AtomicUsize,
-    /// Metric handles, looked up once rather than per request (a lookup
-    /// hashes the name and every label).
-    latency: metrics::Histogram,
-    requests: std::sync::Mutex<std::collections::HashMap<u16, metrics::Counter>>,
     retries: RetryBudget,
 }
 
@@ -150,8 +146,6 @@ impl Pool {
                 })
                 .collect(),
             cursor: AtomicUsize::new(0),
-            latency: metrics::histogram!("gateway_request_duration_seconds", "service" => service),
-            requests: Default::default(),
             retries: RetryBudget::new(),
         }
     }
@@ -186,18 +180,6 @@ impl Pool {
         }
     }
 
-    /// The request counter for `status`, registered once per status.
-    fn requests(&self, status: http::StatusCode) -> metrics::Counter {
-        let mut counters = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        counters
-            .entry(status.as_u16())
-            .or_insert_with(|| {
-                metrics::counter!("gateway_requests_total", "service" => self.service,
-                    "status" => status.as_str().to_owned())
-            })
-            .clone()
-    }
-
     /// Records an active health check of replica `i`.
     fn checked(&self, i: usize, ready: bool) {
         let r = &self.replicas[i];
@@ -227,6 +209,43 @@ struct Route {
     pool: Arc<Pool>,
     /// Deadline of one upstream exchange on this route.
     timeout: Duration,
+    metrics: Arc<RouteMetrics>,
+}
+
+/// A route's metric handles, looked up once rather than per request (a
+/// lookup hashes the name and every label), labelled with the route's
+/// prefix and its upstream.
+#[derive(Debug)]
+struct RouteMetrics {
+    latency: metrics::Histogram,
+    requests: std::sync::Mutex<std::collections::HashMap<u16, metrics::Counter>>,
+    route: String,
+    upstream: &'static str,
+}
+
+impl RouteMetrics {
+    fn new(route: &str, upstream: &'static str) -> Self {
+        RouteMetrics {
+            latency: metrics::histogram!("gateway_request_duration_seconds",
+                "route" => route.to_owned(), "upstream" => upstream),
+            requests: Default::default(),
+            route: route.to_owned(),
+            upstream,
+        }
+    }
+
+    /// Counts a response, registering its status's counter the first time.
+    fn record(&self, status: http::StatusCode, elapsed: Duration) {
+        self.latency.record(elapsed.as_secs_f64());
+        let mut counters = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        counters
+            .entry(status.as_u16())
+            .or_insert_with(|| {
+                metrics::counter!("gateway_requests_total", "route" => self.route.clone(),
+                    "upstream" => self.upstream, "status" => status.as_str().to_owned())
+            })
+            .increment(1);
+    }
 }
 
 impl Route {
@@ -328,6 +347,7 @@ fn routes(config: &Config) -> Result<(Vec<Route>, Vec<Arc<Pool>>), ConfigError> 
             rewrite: r.rewrite.clone(),
             pool: pool.clone(),
             timeout: r.timeout.unwrap_or(config.timeout),
+            metrics: Arc::new(RouteMetrics::new(&r.prefix, pool.service)),
         });
     }
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -834,8 +854,7 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     }
     res.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
     let elapsed = started.elapsed();
-    pool.requests(res.status()).increment(1);
-    pool.latency.record(elapsed.as_secs_f64());
+    route.metrics.record(res.status(), elapsed);
     if let Some(path) = logged_path {
         tracing::info!(
             target: "access",

@@ -378,6 +378,11 @@ async fn only_idempotent_requests_are_retried_on_another_replica() {
         metrics.contains(r#"gateway_retries_total{service="order"}"#),
         "{metrics}"
     );
+    assert!(
+        metrics
+            .contains(r#"gateway_requests_total{route="/orders",upstream="order",status="503"}"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
