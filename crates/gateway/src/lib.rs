@@ -441,9 +441,7 @@ pub struct Config {
 }
 
 fn millis_or<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    Ok(Duration::from_millis(
-        <u64 as serde::Deserialize>::deserialize(d)?,
-    ))
+    Ok(millis(d)?.unwrap_or_default())
 }
 
 mod defaults {
@@ -738,12 +736,19 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     let pool = &route.pool;
     let service = pool.service;
     let started = std::time::Instant::now();
+    let cannot_reach = || format!("the {service} service cannot be reached; try again shortly");
+    // Every breaker open: nothing was tried.
     let unavailable = || {
-        Problem::unavailable(format!(
-            "the {service} service cannot be reached; try again shortly"
-        ))
-        .retry_after(Duration::from_secs(1))
-        .into_response()
+        Problem::unavailable(cannot_reach())
+            .retry_after(Duration::from_secs(1))
+            .into_response()
+    };
+    // Tried, and the upstream could not be reached.
+    let bad_gateway = || {
+        Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
+            .detail(cannot_reach())
+            .retry_after(Duration::from_secs(1))
+            .into_response()
     };
     pool.retries.deposit();
     let mut tried: Option<usize> = None;
@@ -761,12 +766,7 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         let Some(i) = pool.pick(tried) else {
             if tried.is_some() {
                 // The only replica refused the connection.
-                break Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
-                    .detail(format!(
-                        "the {service} service cannot be reached; try again shortly"
-                    ))
-                    .retry_after(Duration::from_secs(1))
-                    .into_response();
+                break bad_gateway();
             }
             // Every replica's breaker is open: fail fast.
             break unavailable();
@@ -826,12 +826,7 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
             Ok(Err(e)) => {
                 permit.failure();
                 tracing::warn!(service, replica = %replica.base, error = %e, "upstream unreachable");
-                break Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
-                    .detail(format!(
-                        "the {service} service cannot be reached; try again shortly"
-                    ))
-                    .retry_after(Duration::from_secs(1))
-                    .into_response();
+                break bad_gateway();
             }
             Err(_) if may_retry(tried) => {
                 permit.failure();

@@ -44,6 +44,11 @@ async fn hung() -> String {
     url
 }
 
+async fn metrics(c: &reqwest::Client, gw: &str) -> String {
+    let res = c.get(format!("{gw}/metrics")).send().await.unwrap();
+    res.text().await.unwrap()
+}
+
 async fn status(c: &reqwest::Client, url: String) -> u16 {
     c.get(url).send().await.unwrap().status().as_u16()
 }
@@ -186,14 +191,7 @@ async fn a_dead_replica_is_skipped_and_traffic_keeps_succeeding() {
         };
         assert_ne!(res.status(), 502, "request {i} failed over");
     }
-    let metrics = c
-        .get(format!("{gw}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&c, &gw).await;
     assert!(
         metrics.contains(r#"circuit_breaker_transitions_total{breaker="gateway order"#)
             && metrics.contains(r#"to="open""#),
@@ -366,14 +364,7 @@ async fn only_idempotent_requests_are_retried_on_another_replica() {
         busy.served.load(Ordering::SeqCst) > before,
         "a GET met the busy one"
     );
-    let metrics = c
-        .get(format!("{gw}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&c, &gw).await;
     assert!(
         metrics.contains(r#"gateway_retries_total{service="order"}"#),
         "{metrics}"

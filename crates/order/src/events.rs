@@ -73,18 +73,12 @@ impl Handler for OrderEvents {
     }
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
-        let cause = env.as_cause();
-        let found =
-            crate::http::change_in(&self.0, tx, &env.order_id, &cause, |o| o.apply(&event)).await?;
-        match found {
-            Some(_) => Ok(()),
-            // Every order id on the bus was minted here; an unknown one is a
-            // foreign or corrupt event, and retrying will not make it known.
-            None => Err(unknown(&env.order_id)),
-        }
+        self.handle_batch(tx, vec![(env.clone(), event)]).await
     }
 }
 
+/// Every order id on the bus was minted here; an unknown one is a foreign or
+/// corrupt event, and retrying will not make it known.
 fn unknown(order_id: &str) -> HandleError {
     HandleError::Permanent(format!("event for unknown order {order_id}"))
 }

@@ -269,7 +269,7 @@ pub async fn list(
 
 /// Loads an order for change, applies `change`, saves it and the event it
 /// returns in the caller's transaction.
-pub async fn change_in(
+async fn change_in(
     app: &App,
     tx: &mut Tx,
     id: &str,

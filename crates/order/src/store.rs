@@ -30,12 +30,12 @@ fn from_row(r: &AnyRow) -> Result<Order, sqlx::Error> {
     })
 }
 
-/// Inserts new orders, a hundred per statement.
+/// Inserts new orders, many per statement.
 pub async fn insert_all(tx: &mut Tx, orders: &[&Order]) -> Result<(), sqlx::Error> {
     write_all(tx, orders, "").await
 }
 
-/// Saves changed orders (which exist), a hundred per statement.
+/// Saves changed orders (which exist), many per statement.
 pub async fn save_all(tx: &mut Tx, orders: &[&Order]) -> Result<(), sqlx::Error> {
     write_all(
         tx,
@@ -72,24 +72,11 @@ async fn write_all(tx: &mut Tx, orders: &[&Order], on_conflict: &str) -> Result<
     Ok(())
 }
 
-/// Saves the mutable part of an order.
+/// Saves a changed order.
 pub async fn update(tx: &mut Tx, o: &Order) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE orders SET status = $2, reason = $3, cook_id = $4, delivery_id = $5, \
-         updated_at = $6 WHERE id = $1",
-    )
-    .bind(&o.id)
-    .bind(o.status.as_str())
-    .bind(&o.reason)
-    .bind(&o.cook_id)
-    .bind(&o.delivery_id)
-    .bind(o.updated_at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    save_all(tx, &[o]).await
 }
 
-/// Loads an order to change it, locking its row until commit.
 /// Loads (and on PostgreSQL locks, in id order so replicas cannot
 /// deadlock) every order in `ids`.
 pub async fn load_many_for_update(
@@ -114,16 +101,9 @@ pub async fn load_many_for_update(
     Ok(orders)
 }
 
+/// Loads an order to change it, locking its row until commit.
 pub async fn load_for_update(db: &Db, tx: &mut Tx, id: &str) -> Result<Option<Order>, sqlx::Error> {
-    sqlx::query(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM orders WHERE id = $1{}",
-        db.lock_suffix()
-    )))
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await?
-    .map(|r| from_row(&r))
-    .transpose()
+    Ok(load_many_for_update(db, tx, &[id]).await?.pop())
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<Option<Order>, sqlx::Error> {

@@ -59,7 +59,6 @@ pub trait Handler: Send + Sync + 'static {
         event: Event,
     ) -> impl Future<Output = Result<(), HandleError>> + Send + 'a;
 
-    /// Runs after a successful commit, e.g. to wake a timer.
     /// Applies a batch of new events (already deduplicated, in log order) in
     /// one transaction. The default applies them one by one; a handler whose
     /// work can be done in a few set-based statements overrides it, which is
@@ -77,6 +76,7 @@ pub trait Handler: Send + Sync + 'static {
         }
     }
 
+    /// Runs after a successful commit, e.g. to wake a timer.
     fn after_commit(&self) {}
 }
 
@@ -289,7 +289,8 @@ impl<H: Handler> Consumer<H> {
             return Ok(());
         }
         let mut tx = self.db.begin().await?;
-        let mut fresh = self.record_batch(&mut tx, &items).await?;
+        let ids: Vec<&str> = items.iter().map(|(env, _)| env.event_id.as_str()).collect();
+        let mut fresh = self.record_batch(&mut tx, &ids).await?;
         // Keep each new event once (a batch may hold the same id twice).
         let offered = items.len();
         items.retain(|(env, _)| fresh.remove(&env.event_id));
@@ -319,11 +320,11 @@ impl<H: Handler> Consumer<H> {
     async fn record_batch(
         &self,
         tx: &mut Tx,
-        items: &[(Envelope, Event)],
+        event_ids: &[&str],
     ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
-        let mut fresh = std::collections::HashSet::with_capacity(items.len());
+        let mut fresh = std::collections::HashSet::with_capacity(event_ids.len());
         let now = now_ms();
-        for chunk in items.chunks(rows_per_statement(1)) {
+        for chunk in event_ids.chunks(rows_per_statement(1)) {
             let values = (0..chunk.len())
                 .map(|i| format!("($1, ${}, $2)", i + 3))
                 .collect::<Vec<_>>()
@@ -335,26 +336,20 @@ impl<H: Handler> Consumer<H> {
             let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
                 .bind(&self.name)
                 .bind(now);
-            for (env, _) in chunk {
-                q = q.bind(&env.event_id);
+            for id in chunk {
+                q = q.bind(*id);
             }
             fresh.extend(q.fetch_all(&mut **tx).await?);
         }
         Ok(fresh)
     }
 
+    /// Records that this consumer applies `env`; `false` if it already did.
     async fn record(&self, tx: &mut Tx, env: &Envelope) -> Result<bool, sqlx::Error> {
-        Ok(sqlx::query(
-            "INSERT INTO processed_events (consumer, event_id, processed_at) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.name)
-        .bind(&env.event_id)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?
-        .rows_affected()
-            == 1)
+        Ok(!self
+            .record_batch(tx, &[env.event_id.as_str()])
+            .await?
+            .is_empty())
     }
 
     async fn park_raw(&self, payload: &str, error: &str, attempts: u32) -> Outcome {

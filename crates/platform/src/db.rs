@@ -275,7 +275,6 @@ impl Db {
     }
 }
 
-/// `$first, $first+1, …` for `n` values: for `IN (…)` lists.
 /// How many rows of `columns` values one multi-row statement should carry.
 /// Binding costs grow with the square of a statement's parameter count on
 /// SQLite (sqlx looks up each parameter's name, and SQLite finds a name by
@@ -299,6 +298,7 @@ pub fn value_rows(rows: usize, columns: usize) -> String {
         .join(", ")
 }
 
+/// `$first, $first+1, …` for `n` values: for `IN (…)` lists.
 pub fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))

@@ -27,7 +27,7 @@ pub async fn append(tx: &mut Tx, env: &Envelope) -> Result<(), sqlx::Error> {
     append_all(tx, std::slice::from_ref(env)).await
 }
 
-/// Appends many envelopes with one statement per hundred.
+/// Appends many envelopes, many per statement.
 pub async fn append_all(tx: &mut Tx, envs: &[Envelope]) -> Result<(), sqlx::Error> {
     let now = now_ms();
     for chunk in envs.chunks(rows_per_statement(4)) {
