@@ -4,7 +4,10 @@
 //! upstream into a problem-details 502/504 instead of a hung client.
 #![forbid(unsafe_code)]
 
+mod upstream;
+
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
@@ -15,16 +18,15 @@ use std::{
 
 use axum::{
     Router,
-    body::Body,
-    extract::{Request, State},
-    http::{HeaderValue, Method, Uri, header},
+    extract::State,
+    http::{HeaderValue, Method, header},
     response::{IntoResponse, Response},
     routing::get,
 };
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use bytes::Bytes;
+use http::{Request, uri::PathAndQuery};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
 use restaurant_contract::{TraceContext, new_id};
 use restaurant_platform::{
     breaker::{BreakerConfig, CircuitBreaker},
@@ -32,6 +34,10 @@ use restaurant_platform::{
     shutdown::Shutdown,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
+use upstream::{ProxyBody, Upstream};
+
+/// What the gateway answers with.
+type GatewayResponse = http::Response<ProxyBody>;
 
 /// Where each service's replicas listen.
 #[derive(Clone, Debug)]
@@ -58,6 +64,7 @@ impl Upstreams {
 #[derive(Debug)]
 struct Replica {
     base: String,
+    upstream: Upstream,
     in_flight: AtomicUsize,
     /// Passive outlier detection: consecutive failures (refused or reset
     /// connections, timeouts, 5xx answers) open it, so a failing replica is
@@ -127,27 +134,29 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(service: &'static str, bases: &[String]) -> Self {
-        Pool {
-            service,
-            replicas: bases
-                .iter()
-                .map(|b| {
-                    let base = b.trim_end_matches('/').to_owned();
-                    Replica {
-                        breaker: CircuitBreaker::new(
-                            format!("gateway {service} {base}"),
-                            REPLICA_BREAKER,
-                        ),
-                        base,
-                        in_flight: AtomicUsize::new(0),
-                        healthy: AtomicBool::new(true),
-                    }
+    fn new(service: &'static str, bases: &[String]) -> Result<Self, ConfigError> {
+        let replicas = bases
+            .iter()
+            .map(|b| {
+                let base = b.trim_end_matches('/').to_owned();
+                Ok(Replica {
+                    upstream: Upstream::new(&base, service).map_err(ConfigError::Replica)?,
+                    breaker: CircuitBreaker::new(
+                        format!("gateway {service} {base}"),
+                        REPLICA_BREAKER,
+                    ),
+                    base,
+                    in_flight: AtomicUsize::new(0),
+                    healthy: AtomicBool::new(true),
                 })
-                .collect(),
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(Pool {
+            service,
+            replicas,
             cursor: AtomicUsize::new(0),
             retries: RetryBudget::new(),
-        }
+        })
     }
 
     /// A replica to try, never `avoid`; healthy ones first. No allocation:
@@ -316,6 +325,8 @@ pub enum ConfigError {
     Route { prefix: String, why: String },
     #[error("upstream {0} has no replicas")]
     Empty(String),
+    #[error("replica {0}")]
+    Replica(String),
 }
 
 /// Builds the routing table: one pool per upstream, routes longest prefix
@@ -328,7 +339,7 @@ fn routes(config: &Config) -> Result<(Vec<Route>, Vec<Arc<Pool>>), ConfigError> 
         }
         // Pool names label metrics for the life of the process.
         let service: &'static str = Box::leak(name.clone().into_boxed_str());
-        pools.insert(name.clone(), Arc::new(Pool::new(service, replicas)));
+        pools.insert(name.clone(), Arc::new(Pool::new(service, replicas)?));
     }
     let mut routes = Vec::with_capacity(config.routes.len());
     for r in &config.routes {
@@ -378,7 +389,6 @@ const HOP_BY_HOP: &[&str] = &[
 struct Gateway {
     routes: Arc<Vec<Route>>,
     pools: Arc<Vec<Arc<Pool>>>,
-    client: Client<HttpConnector, Body>,
     /// Proxied requests in flight. When none is left the gateway sheds load
     /// with a fast 503 + Retry-After instead of queueing without bound: a
     /// queue only converts overload into timeouts for everyone.
@@ -490,41 +500,122 @@ impl Config {
     }
 }
 
-pub fn router(config: Config, shutdown: Shutdown) -> Result<Router, ConfigError> {
-    restaurant_platform::telemetry::metrics_handle();
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(1)));
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(connector);
-    let (routes, pools) = routes(&config)?;
-    let gw = Gateway {
-        routes: Arc::new(routes),
-        pools: Arc::new(pools),
-        client,
-        in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
-        shutdown,
-    };
-    tokio::spawn(check_health(gw.clone(), config.health_interval));
-    let router = Router::new()
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async { restaurant_platform::telemetry::render_metrics() }),
-        )
-        .fallback(proxy)
-        .with_state(gw)
-        .layer(axum::middleware::from_fn(problem_safety_net));
-    Ok(match cors(&config.cors_origins) {
-        Some(layer) => router.layer(layer),
-        None => router,
-    })
+/// The gateway's own endpoints; everything else is proxied.
+const OWN_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// What serves one connection's requests: the proxy, or for the gateway's
+/// own endpoints an axum router (they are rare; the proxy path does not go
+/// through a router's boxing and per-request extensions).
+#[derive(Clone)]
+struct Front {
+    gw: Gateway,
+    own: Router,
+}
+
+impl Front {
+    fn new(config: &Config, shutdown: Shutdown) -> Result<Self, ConfigError> {
+        restaurant_platform::telemetry::metrics_handle();
+        let (routes, pools) = routes(config)?;
+        let gw = Gateway {
+            routes: Arc::new(routes),
+            pools: Arc::new(pools),
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            shutdown,
+        };
+        let own = Router::new()
+            .route(
+                "/healthz",
+                get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+            )
+            .route("/readyz", get(readyz))
+            .route(
+                "/metrics",
+                get(|| async { restaurant_platform::telemetry::render_metrics() }),
+            )
+            .with_state(gw.clone())
+            .layer(axum::middleware::from_fn(problem_safety_net));
+        Ok(Front { gw, own })
+    }
+
+    async fn handle(self, req: Request<Incoming>) -> GatewayResponse {
+        if !OWN_PATHS.contains(&req.uri().path()) {
+            return proxy(&self.gw, req).await;
+        }
+        let res = tower::ServiceExt::oneshot(self.own, req)
+            .await
+            .unwrap_or_else(|e: Infallible| match e {});
+        let (parts, body) = res.into_parts();
+        // Small bodies of our own making: reading them cannot fail.
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        http::Response::from_parts(parts, body.into())
+    }
+}
+
+/// Serves `front` on `listener` until `shutdown`, then for `drain` more
+/// (unready, still serving), then lets in-flight requests finish.
+async fn serve(
+    listener: TcpListener,
+    front: Front,
+    cors: Option<tower_http::cors::CorsLayer>,
+    shutdown: Shutdown,
+    drain: Duration,
+) {
+    let svc = tower::service_fn(move |req: Request<Incoming>| {
+        let front = front.clone();
+        async move { Ok::<_, Infallible>(front.handle(req).await) }
+    });
+    match cors {
+        Some(layer) => accept(listener, tower::Layer::layer(&layer, svc), shutdown, drain).await,
+        None => accept(listener, svc, shutdown, drain).await,
+    }
+}
+
+async fn accept<S>(listener: TcpListener, svc: S, shutdown: Shutdown, drain: Duration)
+where
+    S: tower::Service<Request<Incoming>, Response = GatewayResponse, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(async move {
+        shutdown.wait().await;
+        tokio::time::sleep(drain).await;
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new());
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of descriptors, say: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        // Responses are written whole; Nagle would only hold back the last
+        // segment of one until the client's delayed ACK.
+        let _ = tcp.set_nodelay(true);
+        let conn = http.serve_connection(
+            hyper_util::rt::TokioIo::new(tcp),
+            hyper_util::service::TowerToHyperService::new(svc.clone()),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// CORS for browser clients: preflights answered here, the API's own
@@ -556,14 +647,11 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 }
 
 /// Asks a replica's `/readyz`, with a short deadline.
-async fn probe(client: &Client<HttpConnector, Body>, base: &str) -> bool {
-    let Ok(uri) = format!("{base}/readyz").parse::<Uri>() else {
+async fn probe(replica: &Replica) -> bool {
+    let Ok(req) = Request::get("/readyz").body(Full::default()) else {
         return false;
     };
-    let Ok(req) = Request::get(uri).body(Body::empty()) else {
-        return false;
-    };
-    tokio::time::timeout(Duration::from_secs(1), client.request(req))
+    tokio::time::timeout(Duration::from_secs(1), replica.upstream.exchange(req))
         .await
         .ok()
         .and_then(Result::ok)
@@ -582,11 +670,13 @@ async fn check_health(gw: Gateway, interval: Duration) {
             _ = gw.shutdown.wait() => return,
         }
         let checks = gw.pools.iter().enumerate().flat_map(|(p, pool)| {
-            let client = &gw.client;
             pool.replicas
                 .iter()
                 .enumerate()
-                .map(move |(i, r)| async move { (p, i, probe(client, &r.base).await) })
+                .map(move |(i, r)| async move {
+                    r.upstream.expire_idle();
+                    (p, i, probe(r).await)
+                })
         });
         for (p, i, ready) in futures_util::future::join_all(checks).await {
             let n = &mut failures[p][i];
@@ -603,11 +693,10 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
         return Problem::unavailable("draining for shutdown").into_response();
     }
     let checks = gw.pools.iter().map(|pool| {
-        let client = gw.client.clone();
         let pool = pool.clone();
         async move {
             for (i, r) in pool.replicas.iter().enumerate() {
-                if probe(&client, &r.base).await {
+                if probe(r).await {
                     // What a health check would learn: use it now.
                     pool.checked(i, true);
                     return None;
@@ -639,12 +728,13 @@ enum BodyError {
     Broken,
 }
 
-async fn read_body(body: Body) -> Result<axum::body::Bytes, BodyError> {
-    let mut body = body.into_data_stream();
+async fn read_body(mut body: Incoming) -> Result<Bytes, BodyError> {
     let mut buf = Vec::new();
     let mut seen = 0usize;
-    while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
-        let chunk = chunk.map_err(|_| BodyError::Broken)?;
+    while let Some(frame) = body.frame().await {
+        let Ok(chunk) = frame.map_err(|_| BodyError::Broken)?.into_data() else {
+            continue; // trailers: not forwarded
+        };
         seen += chunk.len();
         if seen <= MAX_PROXIED_BODY {
             buf.extend_from_slice(&chunk);
@@ -658,26 +748,32 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes, BodyError> {
     Ok(buf.into())
 }
 
-async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
+async fn proxy(gw: &Gateway, req: Request<Incoming>) -> GatewayResponse {
     let Ok(_slot) = gw.in_flight.clone().try_acquire_owned() else {
         metrics::counter!("gateway_shed_total").increment(1);
         return Problem::unavailable("the gateway is at capacity; retry shortly")
             .retry_after(Duration::from_secs(1))
-            .into_response();
+            .into_http();
     };
     let path = req.uri().path();
     let Some(route) = gw.routes.iter().find(|r| r.matches(path)) else {
-        return Problem::not_found(format!("no route for {path}")).into_response();
+        return Problem::not_found(format!("no route for {path}")).into_http();
     };
-    let rest = &path[route.prefix.len()..];
-    let path_and_query = match (route.rewrite.as_deref(), req.uri().query()) {
-        (Some(to), Some(q)) => format!("{to}{rest}?{q}"),
-        (Some(to), None) => format!("{to}{rest}"),
-        (None, _) => req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_default(),
+    // Upstream requests carry an origin-form target: the path (rewritten if
+    // the route says so) and the query.
+    let target = match route.rewrite.as_deref() {
+        None => req.uri().path_and_query().cloned(),
+        Some(to) => {
+            let rest = &path[route.prefix.len()..];
+            let target = match req.uri().query() {
+                Some(q) => format!("{to}{rest}?{q}"),
+                None => format!("{to}{rest}"),
+            };
+            PathAndQuery::try_from(target).ok()
+        }
+    };
+    let Some(target) = target else {
+        return Problem::bad_request("malformed request target").into_http();
     };
     let method = req.method().clone();
     // Requests that are safe to repeat (RFC 9110 §9.2.2) may be retried on
@@ -689,11 +785,11 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     let access_log = tracing::enabled!(target: "access", tracing::Level::INFO);
     let logged_path = access_log.then(|| path.to_owned());
     let (mut parts, body) = req.into_parts();
+    parts.uri = target.into();
     let headers = &mut parts.headers;
     for h in HOP_BY_HOP {
         headers.remove(*h);
     }
-    headers.remove(header::HOST);
     let request_id = match headers.get(&X_REQUEST_ID) {
         Some(v) => v.clone(),
         None => {
@@ -714,8 +810,8 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     // Buffered, so a request that could not be delivered (connection
     // refused: nothing was sent) can go to another replica whatever its
     // method. Bodies here are small; the services cap them at 64 KiB.
-    let body = if hyper::body::Body::is_end_stream(&body) {
-        axum::body::Bytes::new()
+    let body = if body.is_end_stream() {
+        Bytes::new()
     } else {
         match read_body(body).await {
             Ok(b) => b,
@@ -725,11 +821,11 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
                     "Request body too large",
                 )
                 .detail(format!("the body exceeds {MAX_PROXIED_BODY} bytes"))
-                .into_response();
+                .into_http();
             }
             Err(BodyError::Broken) => {
                 return Problem::bad_request("the request body could not be read whole")
-                    .into_response();
+                    .into_http();
             }
         }
     };
@@ -741,14 +837,14 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
     let unavailable = || {
         Problem::unavailable(cannot_reach())
             .retry_after(Duration::from_secs(1))
-            .into_response()
+            .into_http()
     };
     // Tried, and the upstream could not be reached.
     let bad_gateway = || {
         Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
             .detail(cannot_reach())
             .retry_after(Duration::from_secs(1))
-            .into_response()
+            .into_http()
     };
     pool.retries.deposit();
     let mut tried: Option<usize> = None;
@@ -762,7 +858,7 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
         }
         ok
     };
-    let mut res = loop {
+    let mut res: GatewayResponse = loop {
         let Some(i) = pool.pick(tried) else {
             if tried.is_some() {
                 // The only replica refused the connection.
@@ -781,19 +877,15 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
             }
             break unavailable();
         };
-        let Ok(uri) = format!("{}{path_and_query}", replica.base).parse::<Uri>() else {
-            break Problem::bad_request("malformed request target").into_response();
-        };
         // Only a pool with another replica can retry, so only then keep a copy.
         let attempt_parts = if pool.replicas.len() > 1 {
             parts.clone()
         } else {
             std::mem::replace(&mut parts, Request::new(()).into_parts().0)
         };
-        let mut attempt = Request::from_parts(attempt_parts, Body::from(body.clone()));
-        *attempt.uri_mut() = uri;
+        let attempt = Request::from_parts(attempt_parts, Full::new(body.clone()));
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = tokio::time::timeout(route.timeout, gw.client.request(attempt)).await;
+        let result = tokio::time::timeout(route.timeout, replica.upstream.exchange(attempt)).await;
         replica.in_flight.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(Ok(res)) => {
@@ -809,11 +901,11 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
                     tried = Some(i);
                     continue;
                 }
-                break res.map(Body::new).into_response();
+                break res;
             }
             // Refused: nothing was sent, so any request, whatever its
             // method, can go to another replica once.
-            Ok(Err(e)) if e.is_connect() && tried.is_none() => {
+            Ok(Err(e @ upstream::Failure::Connect(_))) if tried.is_none() => {
                 permit.failure();
                 tracing::warn!(service, replica = %replica.base, error = %e, "replica unreachable; trying another");
                 tried = Some(i);
@@ -840,7 +932,7 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
                         "the {service} service did not answer within {:?}",
                         route.timeout
                     ))
-                    .into_response();
+                    .into_http();
             }
         }
     };
@@ -893,15 +985,16 @@ pub fn start(
     shutdown: Shutdown,
 ) -> std::io::Result<RunningGateway> {
     let addr = listener.local_addr()?;
-    let drain = config.drain;
-    let app = router(config, shutdown.clone())
+    let front = Front::new(&config, shutdown.clone())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        if let Err(e) = restaurant_platform::http::serve_draining(listener, app, s, drain).await {
-            tracing::error!(error = %e, "gateway server failed");
-        }
-    });
+    tokio::spawn(check_health(front.gw.clone(), config.health_interval));
+    let task = tokio::spawn(serve(
+        listener,
+        front,
+        cors(&config.cors_origins),
+        shutdown.clone(),
+        config.drain,
+    ));
     Ok(RunningGateway {
         addr,
         task,

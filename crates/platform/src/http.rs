@@ -110,10 +110,12 @@ impl Problem {
     }
 }
 
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
+impl Problem {
+    /// The response, with any body type (the gateway's own is not axum's).
+    pub fn into_http<B: From<axum::body::Bytes>>(self) -> http::Response<B> {
         let body = serde_json::to_vec(&self).unwrap_or_default();
-        let mut res = (self.status, body).into_response();
+        let mut res = http::Response::new(B::from(body.into()));
+        *res.status_mut() = self.status;
         res.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if let Some(d) = self.retry_after {
@@ -121,6 +123,12 @@ impl IntoResponse for Problem {
                 .insert(header::RETRY_AFTER, HeaderValue::from(d.as_secs().max(1)));
         }
         res
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        self.into_http()
     }
 }
 
