@@ -2,13 +2,14 @@
 # Our gateway against nginx, in front of the same upstream, driven by wrk on
 # loopback in one run.
 #
-#   bench/gateway-vs-nginx.sh [duration] [connections] [workers]
+#   bench/gateway-vs-nginx.sh [duration] [connections] [workers] [rounds]
 #
 # The upstream is a separate nginx instance that answers every request with a
 # small JSON body (so neither proxy shares a process with it). Each proxy gets
 # the same number of workers: nginx `worker_processes`, our gateway
-# `TOKIO_WORKER_THREADS`. They are measured one after the other, each with a
-# short warm-up first. nginx and wrk are installed from Debian if missing.
+# `TOKIO_WORKER_THREADS`. After a short warm-up of each they are measured in
+# alternating rounds and the medians compared. nginx and wrk are installed
+# from Debian if missing.
 # The last line is
 #   gateway/nginx throughput ratio: X.XX, p99 ratio: Y.YY
 # (throughput above 1 and p99 below 1 favour the gateway).
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 duration=${1:-10s}
 conns=${2:-64}
 workers=${3:-1}
+rounds=${4:-5}
 
 install() {
   command -v "$1" > /dev/null && return
@@ -99,7 +101,6 @@ done
 
 # wrk prints "Requests/sec: N" and, with --latency, "99% T" (T in us/ms/s).
 measure() {
-  wrk -t1 -c"$conns" -d2s "$1" > /dev/null
   wrk -t1 -c"$conns" -d"$duration" --latency "$1" > "$dir/wrk.out"
   local rps p99
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$dir/wrk.out")
@@ -108,9 +109,27 @@ measure() {
   [ -z "$errors" ] || echo "  $errors" >&2
   echo "$rps $p99"
 }
-read -r gw_rps gw_p99 < <(measure "http://127.0.0.1:$gateway_port/orders/bench")
-read -r ng_rps ng_p99 < <(measure "http://127.0.0.1:$nginx_port/orders/bench")
-echo "machine: $(nproc) cores; $workers worker(s) per proxy; wrk 1 thread, $conns connections, $duration"
-printf 'gateway: %.0f req/s, p99 %.2f ms\n' "$gw_rps" "$gw_p99"
-printf 'nginx:   %.0f req/s, p99 %.2f ms\n' "$ng_rps" "$ng_p99"
-python3 -c "print(f'gateway/nginx throughput ratio: {$gw_rps/$ng_rps:.2f}, p99 ratio: {$gw_p99/$ng_p99:.2f}')"
+gateway="http://127.0.0.1:$gateway_port/orders/bench"
+nginx="http://127.0.0.1:$nginx_port/orders/bench"
+# Warm both up, then alternate: on a shared two-core machine consecutive
+# runs of the same build differ by up to a third, so each side gets the
+# same share of good and bad moments, and the medians are compared.
+wrk -t1 -c"$conns" -d2s "$gateway" > /dev/null
+wrk -t1 -c"$conns" -d2s "$nginx" > /dev/null
+: > "$dir/rounds"
+for round in $(seq 1 "$rounds"); do
+  read -r gw_rps gw_p99 < <(measure "$gateway")
+  read -r ng_rps ng_p99 < <(measure "$nginx")
+  echo "$gw_rps $gw_p99 $ng_rps $ng_p99" >> "$dir/rounds"
+  printf 'round %d: gateway %.0f req/s p99 %.2f ms | nginx %.0f req/s p99 %.2f ms\n' \
+    "$round" "$gw_rps" "$gw_p99" "$ng_rps" "$ng_p99"
+done
+echo "machine: $(nproc) cores; $workers worker(s) per proxy; wrk 1 thread, $conns connections, $rounds rounds of $duration each"
+python3 - "$dir/rounds" << 'EOF'
+import statistics, sys
+rows = [list(map(float, line.split())) for line in open(sys.argv[1]) if line.strip()]
+gw_rps, gw_p99, ng_rps, ng_p99 = (statistics.median(col) for col in zip(*rows))
+print(f"gateway: {gw_rps:.0f} req/s, p99 {gw_p99:.2f} ms (medians)")
+print(f"nginx:   {ng_rps:.0f} req/s, p99 {ng_p99:.2f} ms (medians)")
+print(f"gateway/nginx throughput ratio: {gw_rps / ng_rps:.2f}, p99 ratio: {gw_p99 / ng_p99:.2f}")
+EOF

@@ -202,8 +202,24 @@ fn required(v: Vec<String>, flag: &str) -> anyhow::Result<Vec<String>> {
     Ok(v)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // One worker (TOKIO_WORKER_THREADS=1, as in the gateway benchmark) runs
+    // on tokio's current-thread scheduler: the same single thread, without
+    // the work-stealing scheduler's bookkeeping.
+    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|n| n.trim() == "1");
+    let runtime = if one {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     restaurant_platform::telemetry::init_tracing("info,sqlx=warn");
     match cli.command {

@@ -59,13 +59,29 @@ fn random_span_id() -> u64 {
     (uuid::Uuid::new_v4().as_u128() as u64).max(1)
 }
 
+impl TraceContext {
+    /// The `traceparent` value, `00-<trace>-<span>-<flags>`, formatted
+    /// without allocating (the gateway writes one per request).
+    pub fn encode(&self) -> [u8; 55] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        for (i, b) in out[3..35].iter_mut().enumerate() {
+            *b = HEX[((self.trace_id >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        out[35] = b'-';
+        for (i, b) in out[36..52].iter_mut().enumerate() {
+            *b = HEX[((self.span_id >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        out[52..54].copy_from_slice(b"-0");
+        out[54] = if self.sampled { b'1' } else { b'0' };
+        out
+    }
+}
+
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.sampled as u8
-        )
+        f.write_str(std::str::from_utf8(&self.encode()).map_err(|_| fmt::Error)?)
     }
 }
 

@@ -4,6 +4,8 @@
 //! upstream into a problem-details 502/504 instead of a hung client.
 #![forbid(unsafe_code)]
 
+mod fast;
+mod h1;
 mod upstream;
 
 use std::{
@@ -24,7 +26,7 @@ use axum::{
     routing::get,
 };
 use bytes::Bytes;
-use http::{Request, uri::PathAndQuery};
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use restaurant_contract::{TraceContext, new_id};
@@ -34,7 +36,7 @@ use restaurant_platform::{
     shutdown::Shutdown,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
-use upstream::{ProxyBody, Upstream};
+use upstream::{Answer, AnswerBody, Outgoing, Upstream};
 
 /// What the gateway answers with.
 type GatewayResponse = http::Response<ProxyBody>;
@@ -373,18 +375,6 @@ const MAX_PROXIED_BODY: usize = restaurant_platform::http::MAX_BODY_BYTES;
 /// so a client that is still sending gets the answer instead of a reset.
 const MAX_DISCARDED_BODY: usize = 4 * 1024 * 1024;
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 #[derive(Clone)]
 struct Gateway {
     routes: Arc<Vec<Route>>,
@@ -510,6 +500,7 @@ const OWN_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 struct Front {
     gw: Gateway,
     own: Router,
+    cors: Option<tower_http::cors::CorsLayer>,
 }
 
 impl Front {
@@ -534,7 +525,11 @@ impl Front {
             )
             .with_state(gw.clone())
             .layer(axum::middleware::from_fn(problem_safety_net));
-        Ok(Front { gw, own })
+        Ok(Front {
+            gw,
+            own,
+            cors: cors(&config.cors_origins),
+        })
     }
 
     async fn handle(self, req: Request<Incoming>) -> GatewayResponse {
@@ -556,39 +551,17 @@ impl Front {
 }
 
 /// Serves `front` on `listener` until `shutdown`, then for `drain` more
-/// (unready, still serving), then lets in-flight requests finish.
-async fn serve(
-    listener: TcpListener,
-    front: Front,
-    cors: Option<tower_http::cors::CorsLayer>,
-    shutdown: Shutdown,
-    drain: Duration,
-) {
-    let svc = tower::service_fn(move |req: Request<Incoming>| {
-        let front = front.clone();
-        async move { Ok::<_, Infallible>(front.handle(req).await) }
-    });
-    match cors {
-        Some(layer) => accept(listener, tower::Layer::layer(&layer, svc), shutdown, drain).await,
-        None => accept(listener, svc, shutdown, drain).await,
-    }
-}
-
-async fn accept<S>(listener: TcpListener, svc: S, shutdown: Shutdown, drain: Duration)
-where
-    S: tower::Service<Request<Incoming>, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+/// (unready, still serving), then closes idle connections and lets
+/// in-flight requests finish.
+async fn serve(listener: TcpListener, front: Front, shutdown: Shutdown, drain: Duration) {
+    let closing = Shutdown::new();
+    // Every connection's task holds a sender: when all are gone, so are
+    // the connections.
+    let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let mut stop = std::pin::pin!(async move {
         shutdown.wait().await;
         tokio::time::sleep(drain).await;
     });
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new());
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -605,17 +578,16 @@ where
         // Responses are written whole; Nagle would only hold back the last
         // segment of one until the client's delayed ACK.
         let _ = tcp.set_nodelay(true);
-        let conn = http.serve_connection(
-            hyper_util::rt::TokioIo::new(tcp),
-            hyper_util::service::TowerToHyperService::new(svc.clone()),
-        );
-        let conn = graceful.watch(conn);
+        let (front, closing, open) = (front.clone(), closing.clone(), open.clone());
         tokio::spawn(async move {
-            let _ = conn.await;
+            fast::connection(front, tcp, closing).await;
+            drop(open);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    closing.trigger();
+    drop(open);
+    let _ = all_closed.recv().await;
 }
 
 /// CORS for browser clients: preflights answered here, the API's own
@@ -648,14 +620,17 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 
 /// Asks a replica's `/readyz`, with a short deadline.
 async fn probe(replica: &Replica) -> bool {
-    let Ok(req) = Request::get("/readyz").body(Full::default()) else {
-        return false;
+    let req = Outgoing {
+        method: http::Method::GET,
+        target: Bytes::from_static(b"/readyz"),
+        lines: Vec::new(),
+        body: Bytes::new(),
     };
-    tokio::time::timeout(Duration::from_secs(1), replica.upstream.exchange(req))
+    tokio::time::timeout(Duration::from_secs(1), replica.upstream.exchange(&req))
         .await
         .ok()
         .and_then(Result::ok)
-        .is_some_and(|r| r.status().is_success())
+        .is_some_and(|a| (200..300).contains(&a.head.status))
 }
 
 /// Active health checks: every replica's `/readyz`, every `interval`. Two
@@ -748,66 +723,222 @@ async fn read_body(mut body: Incoming) -> Result<Bytes, BodyError> {
     Ok(buf.into())
 }
 
-async fn proxy(gw: &Gateway, req: Request<Incoming>) -> GatewayResponse {
-    let Ok(_slot) = gw.in_flight.clone().try_acquire_owned() else {
+/// Takes a request in, or says why not: at capacity, or no route.
+fn admit<'g>(
+    gw: &'g Gateway,
+    path: &str,
+) -> Result<(&'g Route, tokio::sync::OwnedSemaphorePermit), Problem> {
+    let Ok(slot) = gw.in_flight.clone().try_acquire_owned() else {
         metrics::counter!("gateway_shed_total").increment(1);
-        return Problem::unavailable("the gateway is at capacity; retry shortly")
-            .retry_after(Duration::from_secs(1))
-            .into_http();
+        return Err(
+            Problem::unavailable("the gateway is at capacity; retry shortly")
+                .retry_after(Duration::from_secs(1)),
+        );
     };
-    let path = req.uri().path();
-    let Some(route) = gw.routes.iter().find(|r| r.matches(path)) else {
-        return Problem::not_found(format!("no route for {path}")).into_http();
-    };
-    // Upstream requests carry an origin-form target: the path (rewritten if
-    // the route says so) and the query.
-    let target = match route.rewrite.as_deref() {
-        None => req.uri().path_and_query().cloned(),
+    match gw.routes.iter().find(|r| r.matches(path)) {
+        Some(route) => Ok((route, slot)),
+        None => Err(Problem::not_found(format!("no route for {path}"))),
+    }
+}
+
+/// The target sent upstream: origin-form, the route's prefix rewritten if
+/// it says so. `original` is the request's own path and query.
+fn upstream_target(route: &Route, path: &str, query: Option<&str>, original: Bytes) -> Bytes {
+    match route.rewrite.as_deref() {
+        None => original,
         Some(to) => {
             let rest = &path[route.prefix.len()..];
-            let target = match req.uri().query() {
+            Bytes::from(match query {
                 Some(q) => format!("{to}{rest}?{q}"),
                 None => format!("{to}{rest}"),
-            };
-            PathAndQuery::try_from(target).ok()
+            })
+        }
+    }
+}
+
+/// The header lines forwarded upstream, and the request id: hop-by-hop
+/// headers, `Host` and `Content-Length` (both written per attempt) left
+/// out, a request id added if absent, and the W3C trace context continued
+/// as a child span (or started).
+fn request_lines<'h>(headers: impl Iterator<Item = (&'h [u8], &'h [u8])>) -> (Vec<u8>, Bytes) {
+    let mut lines = Vec::with_capacity(512);
+    let mut request_id = None;
+    let mut parent = None;
+    for (name, value) in headers {
+        if h1::is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"host")
+            || name.eq_ignore_ascii_case(b"content-length")
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(TRACEPARENT.as_str().as_bytes()) {
+            parent = std::str::from_utf8(value)
+                .ok()
+                .and_then(TraceContext::parse);
+            continue;
+        }
+        if name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes()) && request_id.is_none() {
+            request_id = Some(Bytes::copy_from_slice(value));
+        }
+        h1::put_header(&mut lines, name, value);
+    }
+    let request_id = request_id.unwrap_or_else(|| {
+        let id = Bytes::from(new_id());
+        h1::put_header(&mut lines, X_REQUEST_ID.as_str().as_bytes(), &id);
+        id
+    });
+    let trace = parent.map_or_else(TraceContext::new_root, |t| t.child());
+    h1::put_header(&mut lines, TRACEPARENT.as_str().as_bytes(), &trace.encode());
+    (lines, request_id)
+}
+
+/// Sends a request to one of the route's replicas and, after a failure,
+/// to another where that is safe. The answer, or the problem to answer
+/// with; and whether it was retried.
+async fn forward(route: &Route, out: &Outgoing) -> (Result<Answer, Problem>, bool) {
+    let pool = &route.pool;
+    let service = pool.service;
+    let cannot_reach = || format!("the {service} service cannot be reached; try again shortly");
+    // Every breaker open: nothing was tried.
+    let unavailable = || Problem::unavailable(cannot_reach()).retry_after(Duration::from_secs(1));
+    // Tried, and the upstream could not be reached.
+    let bad_gateway = || {
+        Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
+            .detail(cannot_reach())
+            .retry_after(Duration::from_secs(1))
+    };
+    let idempotent = upstream::idempotent(&out.method);
+    pool.retries.deposit();
+    let mut tried: Option<usize> = None;
+    // A retry that may repeat an effect: only for idempotent requests, once,
+    // to another replica, within the budget.
+    let may_retry = |tried: Option<usize>| {
+        let ok =
+            idempotent && tried.is_none() && pool.replicas.len() > 1 && pool.retries.withdraw();
+        if ok {
+            metrics::counter!("gateway_retries_total", "service" => service).increment(1);
+        }
+        ok
+    };
+    let answer = loop {
+        let Some(i) = pool.pick(tried) else {
+            if tried.is_some() {
+                // The only replica refused the connection.
+                break Err(bad_gateway());
+            }
+            // Every replica's breaker is open: fail fast.
+            break Err(unavailable());
+        };
+        let replica = &pool.replicas[i];
+        // `pick` saw the breaker admit; another request may have taken the
+        // one half-open probe since.
+        let Ok(permit) = replica.breaker.acquire() else {
+            if tried.is_none() {
+                tried = Some(i);
+                continue;
+            }
+            break Err(unavailable());
+        };
+        replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::time::timeout(route.timeout, replica.upstream.exchange(out)).await;
+        replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(Ok(answer)) => {
+                let status = answer.head.status;
+                if status >= 500 {
+                    permit.failure();
+                } else {
+                    permit.success();
+                }
+                if matches!(status, 502..=504) && may_retry(tried) {
+                    tracing::warn!(service, replica = %replica.base, status, "retrying on another replica");
+                    tried = Some(i);
+                    continue;
+                }
+                break Ok(answer);
+            }
+            // Refused: nothing was sent, so any request, whatever its
+            // method, can go to another replica once.
+            Ok(Err(e @ upstream::Failure::Connect(_))) if tried.is_none() => {
+                permit.failure();
+                tracing::warn!(service, replica = %replica.base, error = %e, "replica unreachable; trying another");
+                tried = Some(i);
+            }
+            Ok(Err(e)) if may_retry(tried) => {
+                permit.failure();
+                tracing::warn!(service, replica = %replica.base, error = %e, "upstream failed; retrying on another replica");
+                tried = Some(i);
+            }
+            Ok(Err(e)) => {
+                permit.failure();
+                tracing::warn!(service, replica = %replica.base, error = %e, "upstream unreachable");
+                break Err(bad_gateway());
+            }
+            Err(_) if may_retry(tried) => {
+                permit.failure();
+                tracing::warn!(service, replica = %replica.base, "upstream timed out; retrying on another replica");
+                tried = Some(i);
+            }
+            Err(_) => {
+                permit.failure();
+                break Err(
+                    Problem::new(http::StatusCode::GATEWAY_TIMEOUT, "Upstream timeout").detail(
+                        format!(
+                            "the {service} service did not answer within {:?}",
+                            route.timeout
+                        ),
+                    ),
+                );
+            }
         }
     };
-    let Some(target) = target else {
-        return Problem::bad_request("malformed request target").into_http();
-    };
-    let method = req.method().clone();
-    // Requests that are safe to repeat (RFC 9110 §9.2.2) may be retried on
-    // another replica after a failure that may have reached the upstream.
-    let idempotent = matches!(
-        method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    (answer, tried.is_some())
+}
+
+/// Counts a proxied request and, if the access log is on, logs it.
+fn observe(
+    route: &Route,
+    method: &http::Method,
+    path: &str,
+    status: http::StatusCode,
+    elapsed: Duration,
+    retried: bool,
+    request_id: &[u8],
+) {
+    route.metrics.record(status, elapsed);
+    tracing::info!(
+        target: "access",
+        %method,
+        path,
+        status = status.as_u16(),
+        service = route.pool.service,
+        retried,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        request_id = %String::from_utf8_lossy(request_id),
     );
-    let access_log = tracing::enabled!(target: "access", tracing::Level::INFO);
-    let logged_path = access_log.then(|| path.to_owned());
-    let (mut parts, body) = req.into_parts();
-    parts.uri = target.into();
-    let headers = &mut parts.headers;
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
-    }
-    let request_id = match headers.get(&X_REQUEST_ID) {
-        Some(v) => v.clone(),
-        None => {
-            let v = HeaderValue::from_str(&new_id()).expect("uuid is a valid header");
-            headers.insert(X_REQUEST_ID.clone(), v.clone());
-            v
-        }
+}
+
+/// The hyper path's proxy: requests the gateway's own path hands over
+/// (see `fast`), as a `Request` in and a `Response` out.
+async fn proxy(gw: &Gateway, req: Request<Incoming>) -> GatewayResponse {
+    let path = req.uri().path();
+    let (route, _slot) = match admit(gw, path) {
+        Ok(admitted) => admitted,
+        Err(problem) => return problem.into_http(),
     };
-    let trace = headers
-        .get(&TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse)
-        .map(|t| t.child())
-        .unwrap_or_else(TraceContext::new_root);
-    if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
-        headers.insert(TRACEPARENT.clone(), v);
-    }
-    // Buffered, so a request that could not be delivered (connection
+    let original = req.uri().path_and_query().map_or_else(
+        || Bytes::from_static(b"/"),
+        |p| Bytes::copy_from_slice(p.as_str().as_bytes()),
+    );
+    let target = upstream_target(route, path, req.uri().query(), original);
+    let logged_path = path.to_owned();
+    let (lines, request_id) = request_lines(
+        req.headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+    );
+    let (parts, body) = req.into_parts();
+    // Read whole, so a request that could not be delivered (connection
     // refused: nothing was sent) can go to another replica whatever its
     // method. Bodies here are small; the services cap them at 64 KiB.
     let body = if body.is_end_stream() {
@@ -829,132 +960,108 @@ async fn proxy(gw: &Gateway, req: Request<Incoming>) -> GatewayResponse {
             }
         }
     };
-    let pool = &route.pool;
-    let service = pool.service;
+    let out = Outgoing {
+        method: parts.method,
+        target,
+        lines,
+        body,
+    };
     let started = std::time::Instant::now();
-    let cannot_reach = || format!("the {service} service cannot be reached; try again shortly");
-    // Every breaker open: nothing was tried.
-    let unavailable = || {
-        Problem::unavailable(cannot_reach())
-            .retry_after(Duration::from_secs(1))
-            .into_http()
+    let (answer, retried) = forward(route, &out).await;
+    let mut res: GatewayResponse = match answer {
+        Ok(answer) => answer_response(answer),
+        Err(problem) => problem.into_http(),
     };
-    // Tried, and the upstream could not be reached.
-    let bad_gateway = || {
-        Problem::new(http::StatusCode::BAD_GATEWAY, "Upstream unavailable")
-            .detail(cannot_reach())
-            .retry_after(Duration::from_secs(1))
-            .into_http()
-    };
-    pool.retries.deposit();
-    let mut tried: Option<usize> = None;
-    // A retry that may repeat an effect: only for idempotent requests, once,
-    // to another replica, within the budget.
-    let may_retry = |tried: Option<usize>| {
-        let ok =
-            idempotent && tried.is_none() && pool.replicas.len() > 1 && pool.retries.withdraw();
-        if ok {
-            metrics::counter!("gateway_retries_total", "service" => service).increment(1);
-        }
-        ok
-    };
-    let mut res: GatewayResponse = loop {
-        let Some(i) = pool.pick(tried) else {
-            if tried.is_some() {
-                // The only replica refused the connection.
-                break bad_gateway();
-            }
-            // Every replica's breaker is open: fail fast.
-            break unavailable();
-        };
-        let replica = &pool.replicas[i];
-        // `pick` saw the breaker admit; another request may have taken the
-        // one half-open probe since.
-        let Ok(permit) = replica.breaker.acquire() else {
-            if tried.is_none() {
-                tried = Some(i);
-                continue;
-            }
-            break unavailable();
-        };
-        // Only a pool with another replica can retry, so only then keep a copy.
-        let attempt_parts = if pool.replicas.len() > 1 {
-            parts.clone()
-        } else {
-            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
-        };
-        let attempt = Request::from_parts(attempt_parts, Full::new(body.clone()));
-        replica.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = tokio::time::timeout(route.timeout, replica.upstream.exchange(attempt)).await;
-        replica.in_flight.fetch_sub(1, Ordering::Relaxed);
-        match result {
-            Ok(Ok(res)) => {
-                let status = res.status();
-                if status.is_server_error() {
-                    permit.failure();
-                } else {
-                    permit.success();
-                }
-                let transient = matches!(status.as_u16(), 502..=504);
-                if transient && may_retry(tried) {
-                    tracing::warn!(service, replica = %replica.base, %status, "retrying on another replica");
-                    tried = Some(i);
-                    continue;
-                }
-                break res;
-            }
-            // Refused: nothing was sent, so any request, whatever its
-            // method, can go to another replica once.
-            Ok(Err(e @ upstream::Failure::Connect(_))) if tried.is_none() => {
-                permit.failure();
-                tracing::warn!(service, replica = %replica.base, error = %e, "replica unreachable; trying another");
-                tried = Some(i);
-            }
-            Ok(Err(e)) if may_retry(tried) => {
-                permit.failure();
-                tracing::warn!(service, replica = %replica.base, error = %e, "upstream failed; retrying on another replica");
-                tried = Some(i);
-            }
-            Ok(Err(e)) => {
-                permit.failure();
-                tracing::warn!(service, replica = %replica.base, error = %e, "upstream unreachable");
-                break bad_gateway();
-            }
-            Err(_) if may_retry(tried) => {
-                permit.failure();
-                tracing::warn!(service, replica = %replica.base, "upstream timed out; retrying on another replica");
-                tried = Some(i);
-            }
-            Err(_) => {
-                permit.failure();
-                break Problem::new(http::StatusCode::GATEWAY_TIMEOUT, "Upstream timeout")
-                    .detail(format!(
-                        "the {service} service did not answer within {:?}",
-                        route.timeout
-                    ))
-                    .into_http();
-            }
-        }
-    };
-    for h in HOP_BY_HOP {
-        res.headers_mut().remove(*h);
+    if let Ok(v) = HeaderValue::from_maybe_shared(request_id.clone()) {
+        res.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
-    res.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-    let elapsed = started.elapsed();
-    route.metrics.record(res.status(), elapsed);
-    if let Some(path) = logged_path {
-        tracing::info!(
-            target: "access",
-            %method,
-            path,
-            status = res.status().as_u16(),
-            service,
-            retried = tried.is_some(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            request_id = ?res.headers().get(&X_REQUEST_ID),
-        );
+    observe(
+        route,
+        &out.method,
+        &logged_path,
+        res.status(),
+        started.elapsed(),
+        retried,
+        &request_id,
+    );
+    res
+}
+
+/// An upstream's answer as a hyper response: hop-by-hop headers dropped,
+/// the length left to the body.
+fn answer_response(answer: Answer) -> GatewayResponse {
+    let head = &answer.head;
+    let mut res = http::Response::new(match answer.body {
+        AnswerBody::Whole(b) => ProxyBody::Full(Full::new(b)),
+        AnswerBody::Streamed(s) => ProxyBody::Streamed(s),
+    });
+    *res.status_mut() =
+        http::StatusCode::from_u16(head.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    let headers = res.headers_mut();
+    for (name, value) in head.headers() {
+        if h1::is_hop_by_hop(name)
+            || (!head.bodiless && name.eq_ignore_ascii_case(b"content-length"))
+        {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            header::HeaderName::from_bytes(name),
+            HeaderValue::from_bytes(value),
+        ) {
+            headers.append(n, v);
+        }
     }
     res
+}
+
+/// A proxied answer's body: read whole, or streamed when it was too large
+/// to hold.
+pub(crate) enum ProxyBody {
+    Full(Full<Bytes>),
+    Streamed(upstream::Streamed),
+}
+
+impl Default for ProxyBody {
+    fn default() -> Self {
+        ProxyBody::Full(Full::default())
+    }
+}
+
+impl From<Bytes> for ProxyBody {
+    fn from(b: Bytes) -> Self {
+        ProxyBody::Full(Full::new(b))
+    }
+}
+
+impl hyper::body::Body for ProxyBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(full) => std::pin::Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|e| match e {}),
+            ProxyBody::Streamed(s) => std::pin::Pin::new(s).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(full) => full.is_end_stream(),
+            ProxyBody::Streamed(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ProxyBody::Full(full) => full.size_hint(),
+            ProxyBody::Streamed(s) => s.size_hint(),
+        }
+    }
 }
 
 /// A running gateway.
@@ -988,13 +1095,7 @@ pub fn start(
     let front = Front::new(&config, shutdown.clone())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     tokio::spawn(check_health(front.gw.clone(), config.health_interval));
-    let task = tokio::spawn(serve(
-        listener,
-        front,
-        cors(&config.cors_origins),
-        shutdown.clone(),
-        config.drain,
-    ));
+    let task = tokio::spawn(serve(listener, front, shutdown.clone(), config.drain));
     Ok(RunningGateway {
         addr,
         task,

@@ -1,71 +1,110 @@
-//! Keep-alive HTTP/1.1 connections to one replica, driven by the request
-//! that uses them.
+//! Keep-alive HTTP/1.1 connections to one replica, used by the request's
+//! own task.
 //!
 //! A general-purpose client (hyper-util's) runs every connection in a task
-//! of its own and hands each request to it over a channel, then spawns one
-//! more task per request to put the connection back in its pool: three tasks
-//! and their wake-ups for every proxied request. Here the request's own task
-//! polls the connection while it writes the request and reads the answer,
-//! and puts it back in the replica's idle list when the answer has been read
-//! whole. Answers up to [`BUFFERED`] bytes are read whole before they are
-//! passed on (as nginx buffers them); a larger one is streamed, its
-//! connection then driven by a task of its own and not reused.
+//! of its own, hands each request to it over a channel and spawns one more
+//! task per request to put the connection back in its pool; its requests and
+//! answers are header maps. Here the request's task writes the request
+//! bytes, reads the answer's head and body, and puts the connection back in
+//! the replica's idle list: no channel, no other task, no header map.
+//! Answers up to [`BUFFERED`] bytes are read whole before they are passed on
+//! (as nginx buffers them); a larger one is streamed from the connection,
+//! which is then not reused.
 use std::{
-    future::{Future, poll_fn},
+    future::poll_fn,
     io,
-    pin::{Pin, pin},
+    pin::Pin,
     sync::Mutex,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Request, Response, Uri};
-use http_body_util::Full;
-use hyper::{
-    body::{Body, Frame, Incoming, SizeHint},
-    client::conn::http1,
+use http::Uri;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::{
+    io::{AsyncRead, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
 };
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
-/// A request as sent upstream: its body was read whole beforehand, so a
-/// request that could not be delivered can go to another replica.
-pub(crate) type UpstreamBody = Full<Bytes>;
+use crate::h1::{self, Framing, Malformed, ResponseHead, Step};
 
-/// Answers up to this size are read whole, in the request's task; larger
-/// ones are streamed.
+/// Answers up to this size are read whole; larger ones are streamed.
 pub(crate) const BUFFERED: usize = 256 * 1024;
 /// Idle connections kept per replica.
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused: the
 /// replica (or a NAT between) may have forgotten it.
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-type Connection = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
+const READ_CHUNK: usize = 8 * 1024;
 
 struct Conn {
-    sender: http1::SendRequest<UpstreamBody>,
-    conn: Connection,
-    /// The connection future finished: the connection is closed.
-    closed: bool,
+    tcp: TcpStream,
+    /// Bytes read and not yet used.
+    buf: BytesMut,
     idle_since: Instant,
 }
 
 impl Conn {
-    /// Lets the connection read and write what it can.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.closed && Pin::new(&mut self.conn).poll(cx).is_ready() {
-            self.closed = true;
-        }
+    /// Reads more; `false` at the end of the connection.
+    async fn fill(&mut self) -> io::Result<bool> {
+        self.buf.reserve(READ_CHUNK);
+        Ok(tokio::io::AsyncReadExt::read_buf(&mut self.tcp, &mut self.buf).await? > 0)
     }
 
-    /// Ready for another request now (not after waiting).
-    fn ready(&mut self, cx: &mut Context<'_>) -> bool {
-        self.drive(cx);
-        !self.closed && matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
+    /// Still open, and nothing unasked-for arrived while it was idle.
+    /// Costs no system call unless the socket became readable meanwhile.
+    async fn still_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let readable = poll_fn(|cx| Poll::Ready(self.tcp.poll_read_ready(cx).is_ready())).await;
+        if !readable {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
+}
+
+/// A request to forward: everything but its `Host` line, which names the
+/// replica it goes to.
+pub(crate) struct Outgoing {
+    pub method: http::Method,
+    /// Origin-form target: path and query.
+    pub target: Bytes,
+    /// Header lines (`name: value\r\n`), hop-by-hop and `Host` left out.
+    pub lines: Vec<u8>,
+    pub body: Bytes,
+}
+
+impl Outgoing {
+    fn write(&self, host: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(&self.target);
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        h1::put_header(out, b"host", host);
+        out.extend_from_slice(&self.lines);
+        let has_body = matches!(
+            self.method,
+            http::Method::POST | http::Method::PUT | http::Method::PATCH
+        );
+        if has_body || !self.body.is_empty() {
+            out.extend_from_slice(b"content-length: ");
+            h1::put_number(out, self.body.len() as u64);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&self.body);
+    }
+}
+
+/// An upstream's answer.
+pub(crate) struct Answer {
+    pub head: ResponseHead,
+    pub body: AnswerBody,
 }
 
 /// Why an exchange failed.
@@ -74,14 +113,17 @@ pub(crate) enum Failure {
     /// No connection could be made: nothing was sent.
     Connect(io::Error),
     /// The exchange failed after the request may have been sent.
-    Exchange(hyper::Error),
+    Io(io::Error),
+    /// The answer was not HTTP this gateway can pass on.
+    Malformed(Malformed),
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Connect(e) => write!(f, "connect: {e}"),
-            Failure::Exchange(e) => write!(f, "{e}"),
+            Failure::Io(e) => write!(f, "{e}"),
+            Failure::Malformed(m) => write!(f, "{m}"),
         }
     }
 }
@@ -91,7 +133,7 @@ pub(crate) struct Upstream {
     /// `host:port`, as connected to.
     authority: String,
     /// The `Host` header sent to it.
-    host: HeaderValue,
+    host: Bytes,
     idle: Mutex<Vec<Conn>>,
     connects: metrics::Counter,
 }
@@ -115,102 +157,117 @@ impl Upstream {
             return Err(format!("{base}: a replica is a scheme, host and port only"));
         }
         let authority = uri.authority().ok_or_else(|| format!("{base}: no host"))?;
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
         let port = authority.port_u16().unwrap_or(80);
         Ok(Upstream {
             authority: format!("{}:{port}", authority.host()),
-            host,
+            host: Bytes::copy_from_slice(authority.as_str().as_bytes()),
             idle: Mutex::new(Vec::new()),
             connects: metrics::counter!("gateway_upstream_connects_total",
                 "upstream" => service, "replica" => base.to_owned()),
         })
     }
 
-    /// Sends `req` (origin-form target) and reads the answer.
-    pub(crate) async fn exchange(
-        &self,
-        mut req: Request<UpstreamBody>,
-    ) -> Result<Response<ProxyBody>, Failure> {
-        req.headers_mut()
-            .insert(http::header::HOST, self.host.clone());
+    /// Sends `req` and reads the answer.
+    pub(crate) async fn exchange(&self, req: &Outgoing) -> Result<Answer, Failure> {
+        let mut out = Vec::with_capacity(256 + req.lines.len() + req.body.len());
+        req.write(&self.host, &mut out);
+        let head_request = req.method == http::Method::HEAD;
         loop {
             let (mut conn, reused) = match self.checkout().await {
                 Some(c) => (c, true),
                 None => (self.connect().await.map_err(Failure::Connect)?, false),
             };
-            let mut sent = pin!(conn.sender.try_send_request(req));
-            let res = poll_fn(|cx| {
-                // The connection first, so it picks up the request at once.
-                if !conn.closed && Pin::new(&mut conn.conn).poll(cx).is_ready() {
-                    conn.closed = true;
+            let head = match send(&mut conn, &out, head_request).await {
+                Ok(head) => head,
+                // A kept-alive connection the replica closed as we wrote:
+                // it answered nothing. Safe to repeat on a fresh connection
+                // only if the request is (a replica may have acted on it).
+                Err(Failure::Io(e))
+                    if reused && nothing_answered(&e) && idempotent(&req.method) =>
+                {
+                    continue;
                 }
-                sent.as_mut().poll(cx)
-            })
-            .await;
-            let res = match res {
-                Ok(res) => res,
-                Err(mut e) => match e.take_message() {
-                    // A kept-alive connection the replica had closed: the
-                    // request was not written, so it goes on a fresh one.
-                    Some(unsent) if reused => {
-                        req = unsent;
-                        continue;
-                    }
-                    _ => return Err(Failure::Exchange(e.into_error())),
-                },
+                Err(e) => return Err(e),
             };
-            let (parts, mut body) = res.into_parts();
-            return match read(&mut conn, &mut body)
-                .await
-                .map_err(Failure::Exchange)?
-            {
-                Read::Whole(bytes) => {
-                    self.checkin(conn).await;
-                    Ok(Response::from_parts(
-                        parts,
-                        ProxyBody::Full(Full::new(bytes)),
-                    ))
-                }
-                Read::Partly(head) => {
-                    // Too large to hold: stream the rest, the connection
-                    // driven by a task of its own until the answer ends.
-                    let Conn { conn, closed, .. } = conn;
-                    if !closed {
-                        tokio::spawn(async move {
-                            let _ = conn.await;
-                        });
-                    }
-                    Ok(Response::from_parts(
-                        parts,
-                        ProxyBody::Streamed {
-                            head: Some(head),
-                            rest: body,
-                        },
-                    ))
-                }
-            };
+            return self.read_answer(conn, head).await;
         }
     }
 
-    /// An idle connection that is still open and ready, if there is one.
+    async fn read_answer(&self, mut conn: Conn, mut head: ResponseHead) -> Result<Answer, Failure> {
+        let mut first: Option<Bytes> = None;
+        let mut more = BytesMut::new();
+        let mut eof = false;
+        loop {
+            match head
+                .framing
+                .step(&mut conn.buf, eof)
+                .map_err(Failure::Malformed)?
+            {
+                Step::Data(data) => {
+                    match &first {
+                        None => first = Some(data),
+                        Some(f) => {
+                            if more.is_empty() {
+                                more.extend_from_slice(f);
+                            }
+                            more.extend_from_slice(&data);
+                        }
+                    }
+                    let held = if more.is_empty() {
+                        first.as_ref().map_or(0, Bytes::len)
+                    } else {
+                        more.len()
+                    };
+                    if held > BUFFERED {
+                        let held = if more.is_empty() {
+                            first.unwrap_or_default()
+                        } else {
+                            more.freeze()
+                        };
+                        let framing = std::mem::replace(&mut head.framing, Framing::Length(0));
+                        return Ok(Answer {
+                            head,
+                            body: AnswerBody::Streamed(Streamed {
+                                held: Some(held),
+                                conn,
+                                framing,
+                                eof: false,
+                            }),
+                        });
+                    }
+                }
+                Step::More => eof = !conn.fill().await.map_err(Failure::Io)?,
+                Step::End => break,
+            }
+        }
+        let body = if more.is_empty() {
+            first.unwrap_or_default()
+        } else {
+            more.freeze()
+        };
+        if head.keep_alive {
+            self.checkin(conn);
+        }
+        Ok(Answer {
+            head,
+            body: AnswerBody::Whole(body),
+        })
+    }
+
+    /// An idle connection that is still open, if there is one.
     async fn checkout(&self) -> Option<Conn> {
         loop {
             let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-            if conn.idle_since.elapsed() < IDLE_TIMEOUT
-                && poll_fn(|cx| Poll::Ready(conn.ready(cx))).await
-            {
+            if conn.idle_since.elapsed() < IDLE_TIMEOUT && conn.still_open().await {
                 return Some(conn);
             }
         }
     }
 
-    /// Keeps a connection whose exchange is over, if it can take another.
-    async fn checkin(&self, mut conn: Conn) {
-        // The answer was read whole, so the connection is ready for the
-        // next request as soon as it is polled once more; one that is not
-        // (the replica said `Connection: close`) is dropped.
-        if !poll_fn(|cx| Poll::Ready(conn.ready(cx))).await {
-            return;
+    /// Keeps a connection whose exchange is over.
+    fn checkin(&self, mut conn: Conn) {
+        if !conn.buf.is_empty() {
+            return; // more than the answer arrived: not HTTP we trust
         }
         conn.idle_since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -233,135 +290,113 @@ impl Upstream {
         // Requests are written whole; Nagle would only delay their last
         // segment until the replica's delayed ACK.
         tcp.set_nodelay(true)?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(io::Error::other)?;
         Ok(Conn {
-            sender,
-            conn,
-            closed: false,
+            tcp,
+            buf: BytesMut::with_capacity(READ_CHUNK),
             idle_since: Instant::now(),
         })
     }
 }
 
-enum Read {
+/// Idempotent methods (RFC 9110 §9.2.2): safe to send again.
+pub(crate) fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// The replica closed the connection without a byte of answer.
+fn nothing_answered(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Writes a request and reads its answer's head.
+async fn send(conn: &mut Conn, out: &[u8], head_request: bool) -> Result<ResponseHead, Failure> {
+    conn.tcp.write_all(out).await.map_err(Failure::Io)?;
+    loop {
+        if let Some(head) =
+            h1::parse_response(&mut conn.buf, head_request).map_err(Failure::Malformed)?
+        {
+            return Ok(head);
+        }
+        if !conn.fill().await.map_err(Failure::Io)? {
+            let e = if conn.buf.is_empty() {
+                io::ErrorKind::UnexpectedEof.into()
+            } else {
+                io::Error::other("the answer's head was cut short")
+            };
+            return Err(Failure::Io(e));
+        }
+    }
+}
+
+/// An answer's body.
+pub(crate) enum AnswerBody {
     Whole(Bytes),
-    /// The first [`BUFFERED`] bytes or more; the rest is still to come.
-    Partly(Bytes),
+    Streamed(Streamed),
 }
 
-/// Reads an answer's body, driving its connection, up to [`BUFFERED`] bytes.
-async fn read(conn: &mut Conn, body: &mut Incoming) -> Result<Read, hyper::Error> {
-    let mut first: Option<Bytes> = None;
-    let mut more = BytesMut::new();
-    poll_fn(|cx| {
-        loop {
-            if body.is_end_stream() {
-                break;
-            }
-            conn.drive(cx);
-            match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else {
-                        continue; // trailers: not forwarded
-                    };
-                    match &first {
-                        None => first = Some(data),
-                        Some(f) => {
-                            if more.is_empty() {
-                                more.extend_from_slice(f);
-                            }
-                            more.extend_from_slice(&data);
-                        }
-                    }
-                    let held = if more.is_empty() {
-                        first.as_ref().map_or(0, Bytes::len)
-                    } else {
-                        more.len()
-                    };
-                    if held > BUFFERED {
-                        return Poll::Ready(Ok(false));
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(None) => break,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(Ok(true))
-    })
-    .await
-    .map(|whole| {
-        let bytes = if more.is_empty() {
-            first.unwrap_or_default()
-        } else {
-            more.freeze()
-        };
-        if whole {
-            Read::Whole(bytes)
-        } else {
-            Read::Partly(bytes)
-        }
-    })
+/// The rest of an answer too large to hold, read from its connection as it
+/// is passed on.
+pub(crate) struct Streamed {
+    held: Option<Bytes>,
+    conn: Conn,
+    framing: Framing,
+    eof: bool,
 }
 
-/// A proxied answer's body: read whole, or streamed when it was too large
-/// to hold.
-pub(crate) enum ProxyBody {
-    Full(Full<Bytes>),
-    Streamed { head: Option<Bytes>, rest: Incoming },
-}
-
-impl Default for ProxyBody {
-    fn default() -> Self {
-        ProxyBody::Full(Full::default())
+impl Streamed {
+    /// The whole body's length, if the head said.
+    pub(crate) fn len(&self) -> Option<u64> {
+        let held = self.held.as_ref().map_or(0, |h| h.len() as u64);
+        self.framing.len().map(|n| n + held)
     }
 }
 
-impl From<Bytes> for ProxyBody {
-    fn from(b: Bytes) -> Self {
-        ProxyBody::Full(Full::new(b))
-    }
-}
-
-impl Body for ProxyBody {
+impl Body for Streamed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ProxyBody::Full(full) => Pin::new(full).poll_frame(cx).map_err(|e| match e {}),
-            ProxyBody::Streamed { head, rest } => match head.take() {
-                Some(h) => Poll::Ready(Some(Ok(Frame::data(h)))),
-                None => Pin::new(rest).poll_frame(cx),
-            },
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        if let Some(held) = this.held.take() {
+            return Poll::Ready(Some(Ok(Frame::data(held))));
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Full(full) => full.is_end_stream(),
-            ProxyBody::Streamed { head, rest } => head.is_none() && rest.is_end_stream(),
+        loop {
+            match this.framing.step(&mut this.conn.buf, this.eof) {
+                Err(m) => return Poll::Ready(Some(Err(io::Error::other(m.to_string())))),
+                Ok(Step::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                Ok(Step::End) => return Poll::Ready(None),
+                Ok(Step::More) => {
+                    // The rare path (answers over BUFFERED): a copy through
+                    // a stack buffer keeps it free of unsafe code.
+                    let mut chunk = [0u8; READ_CHUNK];
+                    let mut read = ReadBuf::new(&mut chunk);
+                    match Pin::new(&mut this.conn.tcp).poll_read(cx, &mut read) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                        Poll::Ready(Ok(())) => {
+                            this.eof = read.filled().is_empty();
+                            this.conn.buf.extend_from_slice(read.filled());
+                        }
+                    }
+                }
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Full(full) => full.size_hint(),
-            ProxyBody::Streamed { head, rest } => {
-                let mut hint = rest.size_hint();
-                let h = head.as_ref().map_or(0, |h| h.len() as u64);
-                hint.set_lower(hint.lower() + h);
-                if let Some(upper) = hint.upper() {
-                    hint.set_upper(upper + h);
-                }
-                hint
-            }
+        match self.len() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }
