@@ -348,7 +348,9 @@ where
     S::Future: Send + 'static,
 {
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new());
+    // Heads beyond 64 KiB get a 431 (hyper's default would allow ~400 KiB).
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .max_header_size(64 * 1024);
     let conn = http.serve_connection(io, hyper_util::service::TowerToHyperService::new(svc));
     let mut conn = pin!(conn);
     tokio::select! {
