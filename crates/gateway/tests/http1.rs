@@ -302,7 +302,11 @@ async fn a_kept_alive_client_is_served_on_one_upstream_connection() {
         .unwrap();
     let connects: f64 = metrics
         .lines()
-        .find(|l| l.starts_with("gateway_upstream_connects_total") && l.contains(&up))
+        .find(|l| {
+            l.starts_with("gateway_upstream_connects_total")
+                && l.contains(&up)
+                && l.contains("upstream=\"order\"")
+        })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .expect("a connect counter for the replica");
     assert_eq!(connects, 1.0, "200 requests, one upstream connection");
@@ -381,4 +385,56 @@ async fn malformed_or_abandoned_requests_get_an_answer_or_a_close_never_a_crash(
     let fine = reqwest::get(format!("{gw}/orders/after")).await.unwrap();
     assert_eq!(fine.status(), 200);
     assert_eq!(fine.text().await.unwrap(), "GET /orders/after");
+}
+
+#[tokio::test]
+async fn large_and_malformed_answers_are_handled_on_hyper_s_path_too() {
+    let big: Arc<Vec<u8>> = Arc::new((0..600_000u32).map(|i| (i % 253) as u8).collect());
+    let big2 = big.clone();
+    let up = raw_upstream(move |seen| {
+        let bytes = match seen.method_and_target() {
+            "GET /orders/big" => {
+                let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                for part in big2.chunks(70_000) {
+                    r.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                    r.extend_from_slice(part);
+                    r.extend_from_slice(b"\r\n");
+                }
+                r.extend_from_slice(b"0\r\n\r\n");
+                r
+            }
+            // Two different lengths: a smuggling shape, never passed on.
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc".to_vec(),
+        };
+        (bytes, false)
+    })
+    .await;
+    let gw = gateway_to(up).await;
+    let addr = gw.trim_start_matches("http://").to_owned();
+    // HTTP/1.0 goes to hyper; the answer streams through and the
+    // connection closes at its end.
+    let mut sock = TcpStream::connect(&addr).await.unwrap();
+    sock.write_all(b"GET /orders/big HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(got.starts_with(b"HTTP/1.0 200") || got.starts_with(b"HTTP/1.1 200"));
+    assert!(got[end..] == big[..], "streamed whole through hyper");
+    // A malformed answer is a 502 problem on both paths.
+    let own = reqwest::get(format!("{gw}/orders/bad")).await.unwrap();
+    assert_eq!(own.status(), 502);
+    assert_eq!(own.headers()["content-type"], "application/problem+json");
+    let mut sock = TcpStream::connect(&addr).await.unwrap();
+    sock.write_all(b"GET /orders/bad HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains(" 502 "), "{text}");
 }
