@@ -11,7 +11,7 @@
 //! (as nginx buffers them); a larger one is streamed from the connection,
 //! which is then not reused.
 use std::{
-    future::poll_fn,
+    future::{Future, poll_fn},
     io,
     pin::Pin,
     sync::Mutex,
@@ -232,6 +232,7 @@ impl Upstream {
                                 conn,
                                 framing,
                                 eof: false,
+                                stall: Box::pin(tokio::time::sleep(STREAM_STALL)),
                             }),
                         });
                     }
@@ -348,7 +349,13 @@ pub(crate) struct Streamed {
     conn: Conn,
     framing: Framing,
     eof: bool,
+    /// When the replica is given up on if it sends nothing more: a stalled
+    /// stream must not hold the client's connection for ever.
+    stall: Pin<Box<tokio::time::Sleep>>,
 }
+
+/// How long a streamed answer may pause.
+const STREAM_STALL: Duration = Duration::from_secs(30);
 
 impl Streamed {
     /// The whole body's length, if the head said.
@@ -381,11 +388,19 @@ impl Body for Streamed {
                     let mut chunk = [0u8; READ_CHUNK];
                     let mut read = ReadBuf::new(&mut chunk);
                     match Pin::new(&mut this.conn.tcp).poll_read(cx, &mut read) {
-                        Poll::Pending => return Poll::Pending,
+                        Poll::Pending => {
+                            if this.stall.as_mut().poll(cx).is_ready() {
+                                let e = io::Error::new(io::ErrorKind::TimedOut, "upstream stalled");
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                            return Poll::Pending;
+                        }
                         Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
                         Poll::Ready(Ok(())) => {
                             this.eof = read.filled().is_empty();
                             this.conn.buf.extend_from_slice(read.filled());
+                            let next = tokio::time::Instant::now() + STREAM_STALL;
+                            this.stall.as_mut().reset(next);
                         }
                     }
                 }
