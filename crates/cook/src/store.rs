@@ -136,7 +136,7 @@ pub async fn insert_tickets(
     tickets: &[Ticket],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut claimed = HashSet::with_capacity(tickets.len());
-    for chunk in tickets.chunks(rows_per_statement(10)) {
+    for chunk in tickets.chunks(rows_per_statement(tx, 10)) {
         let values = value_rows(chunk.len(), 10);
         let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!(
             "INSERT INTO cooks ({TICKET_COLUMNS}) VALUES {values} \
@@ -290,7 +290,7 @@ pub async fn mark_cooked(
     now: i64,
 ) -> Result<Vec<(String, CookCompleted)>, sqlx::Error> {
     let mut done = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(rows_per_statement(1)) {
+    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "UPDATE cooks SET status = 'COOKED', complete_at = NULL, updated_at = $1 \
              WHERE status = 'COOKING' AND id IN ({}) \

@@ -130,7 +130,7 @@ async fn start_deliveries(
     let now = now_ms();
     let complete_at = app.delivery_time.map(|d| now + d.as_millis() as i64);
     let mut events = Vec::with_capacity(cooked.len());
-    for chunk in cooked.chunks(rows_per_statement(4)) {
+    for chunk in cooked.chunks(rows_per_statement(tx, 4)) {
         let values = (0..chunk.len())
             .map(|i| {
                 let p = i * 4;
@@ -196,7 +196,7 @@ async fn complete(app: &App, id: &str, cause: &Cause) -> Result<Option<Delivery>
 async fn complete_in(tx: &mut Tx, ids: &[String], cause: &Cause) -> Result<(), sqlx::Error> {
     let now = now_ms();
     let mut events = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(rows_per_statement(1)) {
+    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL, updated_at = $1 \
              WHERE status = 'DELIVERING' AND id IN ({}) RETURNING id, order_id",

@@ -86,7 +86,7 @@ async fn project_batch(
         .into_iter()
         .collect();
     let mut views = std::collections::HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(rows_per_statement(1)) {
+    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
         // Make sure the rows exist so they can be locked: two replicas
         // applying events of one order must not lose each other's update.
         let values = (1..=chunk.len())
@@ -131,7 +131,7 @@ async fn project_batch(
         .filter(|(view, before)| view != before)
         .map(|(view, _)| view)
         .collect();
-    for chunk in changed.chunks(rows_per_statement(12)) {
+    for chunk in changed.chunks(rows_per_statement(tx, 12)) {
         let values = value_rows(chunk.len(), 12);
         let mut upsert = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {table} ({COLUMNS}) VALUES {values} ON CONFLICT (order_id) DO UPDATE SET \

@@ -48,7 +48,7 @@ pub async fn save_all(tx: &mut Tx, orders: &[&Order]) -> Result<(), sqlx::Error>
 }
 
 async fn write_all(tx: &mut Tx, orders: &[&Order], on_conflict: &str) -> Result<(), sqlx::Error> {
-    for chunk in orders.chunks(rows_per_statement(11)) {
+    for chunk in orders.chunks(rows_per_statement(tx, 11)) {
         let values = value_rows(chunk.len(), 11);
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO orders ({COLUMNS}) VALUES {values}{on_conflict}"
@@ -85,7 +85,7 @@ pub async fn load_many_for_update(
     ids: &[&str],
 ) -> Result<Vec<Order>, sqlx::Error> {
     let mut orders = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(rows_per_statement(1)) {
+    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM orders WHERE id IN ({}) ORDER BY id{}",
             placeholders(1, chunk.len()),

@@ -324,7 +324,7 @@ impl<H: Handler> Consumer<H> {
     ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
         let mut fresh = std::collections::HashSet::with_capacity(event_ids.len());
         let now = now_ms();
-        for chunk in event_ids.chunks(rows_per_statement(1)) {
+        for chunk in event_ids.chunks(rows_per_statement(tx, 1)) {
             let values = (0..chunk.len())
                 .map(|i| format!("($1, ${}, $2)", i + 3))
                 .collect::<Vec<_>>()

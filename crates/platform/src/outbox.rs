@@ -30,7 +30,7 @@ pub async fn append(tx: &mut Tx, env: &Envelope) -> Result<(), sqlx::Error> {
 /// Appends many envelopes, many per statement.
 pub async fn append_all(tx: &mut Tx, envs: &[Envelope]) -> Result<(), sqlx::Error> {
     let now = now_ms();
-    for chunk in envs.chunks(rows_per_statement(4)) {
+    for chunk in envs.chunks(rows_per_statement(tx, 4)) {
         let values = (0..chunk.len())
             .map(|i| format!("({}, $1)", placeholders(i * 4 + 2, 4)))
             .collect::<Vec<_>>()
