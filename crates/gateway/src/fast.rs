@@ -181,11 +181,14 @@ pub(crate) async fn connection(front: Front, mut tcp: TcpStream, closing: Shutdo
         let body = buf.split_to(head.content_length).freeze();
         out.clear();
         let tail = answer(&front, &head, &raw, body, &mut out).await;
-        if head.close {
+        // Closing (asked, or the gateway is shutting down): said in the
+        // answer, so the client does not send on a connection about to go.
+        let close = head.close || closing.is_triggered();
+        if close {
             h1::put_header(&mut out, b"connection", b"close");
         }
         out.extend_from_slice(b"\r\n");
-        if write(&mut tcp, &mut out, tail).await.is_err() || head.close || closing.is_triggered() {
+        if write(&mut tcp, &mut out, tail).await.is_err() || close {
             return;
         }
     }
