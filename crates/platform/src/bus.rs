@@ -113,6 +113,13 @@ impl Subscription {
         }
     }
 
+    /// Each message is acknowledged by itself (JetStream), rather than by a
+    /// position that covers everything before it (the embedded log): only
+    /// then may batches be applied, and acknowledged, out of order.
+    pub fn acknowledges_each(&self) -> bool {
+        matches!(self, Subscription::Nats(_))
+    }
+
     /// Acknowledges `handled`, a prefix of the last batch whose events were
     /// all applied, found duplicate, ignored or parked.
     pub async fn ack(&mut self, handled: &[Delivery]) -> anyhow::Result<()> {

@@ -164,69 +164,108 @@ impl<H: Handler> Consumer<H> {
     }
 
     async fn consume(&self, sub: &mut crate::bus::Subscription, shutdown: &Shutdown) {
+        use futures_util::StreamExt;
+        // Batches applied at once. On JetStream every message is
+        // acknowledged by itself, so the next batch can be applied while the
+        // last one commits (each waits on round trips to a busy database:
+        // MyPage's took ~73 ms for ~500 events, 92% of its time). Concurrent
+        // batches are safe: each is one transaction, rows are locked in key
+        // order, a duplicate's dedup record waits for the other's commit,
+        // and the handlers take events in any order. The embedded log
+        // acknowledges by position, in order: one batch at a time there.
+        let depth = if sub.acknowledges_each() { 2 } else { 1 };
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut last_prune = tokio::time::Instant::now();
-        while !shutdown.is_triggered() {
+        loop {
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = tokio::time::Instant::now();
                 if let Err(e) = self.prune(DEDUP_RETENTION).await {
                     tracing::warn!(consumer = %self.name, error = %e, "pruning dedup records failed");
                 }
             }
-            let batch = tokio::select! {
-                b = sub.next_batch(BATCH, IDLE_WAIT) => b,
-                _ = shutdown.wait() => return,
-            };
-            let batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(consumer = %self.name, error = %e, "fetch failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            // The fast path: the whole batch in one transaction (one commit,
-            // one fsync, for up to BATCH events). Any failure rolls it all
-            // back and the batch goes through one event at a time, where
-            // retries and parking isolate the bad one.
-            if !batch.is_empty() {
-                metrics::histogram!("consumer_batch_size", "consumer" => self.name.clone())
-                    .record(batch.len() as f64);
-                let started = std::time::Instant::now();
-                let applied = self.apply_batch(&batch).await;
-                metrics::histogram!("consumer_batch_seconds", "consumer" => self.name.clone())
-                    .record(started.elapsed().as_secs_f64());
-                match applied {
-                    Ok(()) => {
-                        if let Err(e) = sub.ack(&batch).await {
-                            tracing::warn!(consumer = %self.name, error = %e, "ack failed");
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::debug!(consumer = %self.name, error = %e, "batch failed; one by one");
-                    }
-                }
-            }
-            let mut done = 0;
-            for d in &batch {
-                let outcome = if d.attempt > MAX_DELIVERIES {
-                    // Handed out this often only if the process died handling
-                    // it each time: a poison that crashes. Park, don't retry.
-                    let why = format!("delivered {} times without being acknowledged", d.attempt);
-                    Some(self.park_raw(&d.payload, &why, d.attempt as u32).await)
-                } else {
-                    self.offer(&d.payload, shutdown).await
+            let stopping = shutdown.is_triggered();
+            if stopping || in_flight.len() >= depth {
+                // Finish what is in hand; on shutdown, take nothing new.
+                let next: Option<(Vec<crate::bus::Delivery>, usize)> = in_flight.next().await;
+                let Some((batch, done)) = next else {
+                    return;
                 };
-                if outcome.is_none() {
-                    break; // shutting down mid-retry: leave the rest unacked
-                }
-                done += 1;
+                self.acknowledge(sub, &batch, done).await;
+                continue;
             }
-            if let Err(e) = sub.ack(&batch[..done]).await {
-                // Harmless: the events are applied; a redelivery is a duplicate.
-                tracing::warn!(consumer = %self.name, error = %e, "ack failed");
+            tokio::select! {
+                b = sub.next_batch(BATCH, IDLE_WAIT) => match b {
+                    Ok(batch) if batch.is_empty() => {}
+                    Ok(batch) => in_flight.push(self.process(batch, shutdown)),
+                    Err(e) => {
+                        tracing::warn!(consumer = %self.name, error = %e, "fetch failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+                Some((batch, done)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.acknowledge(sub, &batch, done).await;
+                }
+                _ = shutdown.wait() => {}
             }
         }
+    }
+
+    /// Acknowledges the first `done` events of `batch`.
+    async fn acknowledge(
+        &self,
+        sub: &mut crate::bus::Subscription,
+        batch: &[crate::bus::Delivery],
+        done: usize,
+    ) {
+        if let Err(e) = sub.ack(&batch[..done]).await {
+            // Harmless: the events are applied; a redelivery is a duplicate.
+            tracing::warn!(consumer = %self.name, error = %e, "ack failed");
+        }
+    }
+
+    /// Applies a batch: whole, in one transaction, or (if that fails) one
+    /// event at a time with retries and parking. Returns the batch and how
+    /// many of its events, from the first, are done and may be acknowledged.
+    async fn process(
+        &self,
+        batch: Vec<crate::bus::Delivery>,
+        shutdown: &Shutdown,
+    ) -> (Vec<crate::bus::Delivery>, usize) {
+        // The fast path: the whole batch in one transaction (one commit,
+        // one fsync, for up to BATCH events). Any failure rolls it all
+        // back and the batch goes through one event at a time, where
+        // retries and parking isolate the bad one.
+        metrics::histogram!("consumer_batch_size", "consumer" => self.name.clone())
+            .record(batch.len() as f64);
+        let started = std::time::Instant::now();
+        let applied = self.apply_batch(&batch).await;
+        metrics::histogram!("consumer_batch_seconds", "consumer" => self.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        match applied {
+            Ok(()) => {
+                let n = batch.len();
+                return (batch, n);
+            }
+            Err(e) => {
+                tracing::debug!(consumer = %self.name, error = %e, "batch failed; one by one");
+            }
+        }
+        let mut done = 0;
+        for d in &batch {
+            let outcome = if d.attempt > MAX_DELIVERIES {
+                // Handed out this often only if the process died handling
+                // it each time: a poison that crashes. Park, don't retry.
+                let why = format!("delivered {} times without being acknowledged", d.attempt);
+                Some(self.park_raw(&d.payload, &why, d.attempt as u32).await)
+            } else {
+                self.offer(&d.payload, shutdown).await
+            };
+            if outcome.is_none() {
+                break; // shutting down mid-retry: leave the rest unacked
+            }
+            done += 1;
+        }
+        (batch, done)
     }
 
     /// Applies one raw message with retries and parking. `None` only when

@@ -203,9 +203,10 @@ impl Db {
                 // Multi-row statements differ in text by their row count, so
                 // most are used once; sqlx's default of 100 cached per
                 // connection held up to 100 of them, kilobytes each (peak
-                // RSS of MyPage 33 -> 53 MiB with larger statements).
+                // RSS of MyPage 33 -> 53 MiB with larger statements; 24
+                // still put it at 28.8-30.2 MiB with two batches in flight).
                 let url = format!(
-                    "{url}{sep}options[plan_cache_mode]=force_custom_plan&statement-cache-capacity=24"
+                    "{url}{sep}options[plan_cache_mode]=force_custom_plan&statement-cache-capacity=16"
                 );
                 let pool = AnyPoolOptions::new()
                     .max_connections(opts.max_connections.max(2))
