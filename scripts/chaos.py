@@ -22,6 +22,7 @@ Only the standard library; targets 127.0.0.1 only; bounded in time.
 """
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -78,11 +79,11 @@ def find_binary(explicit):
     return os.path.join(root, "target", "release", "restaurant")
 
 
-def start_system(binary, data_dir):
+def start_system(binary, data_dir, shared=()):
     proc = subprocess.Popen(
         [binary, "up", "--processes", "--port", "0", "--data-dir", data_dir,
          "--cook-time", "50ms", "--delivery-time", "50ms", "--cancel-timeout", "300ms",
-         "--no-fsync"],
+         "--no-fsync", *shared],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "RUST_LOG": "error"},
     )
@@ -201,12 +202,25 @@ def main():
     ap.add_argument("--binary", help="the restaurant binary (default: target/*/restaurant)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--settle", type=float, default=120.0, help="seconds to wait for quiescence")
+    ap.add_argument("--distributed", action="store_true",
+                    help="PostgreSQL + NATS JetStream (a fresh database and stream, "
+                         "dropped afterwards; DATABASE_URL's server, NATS_URL)")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     binary = find_binary(args.binary)
     data_dir = tempfile.mkdtemp(prefix="restaurant-chaos-")
-    proc, url = start_system(binary, data_dir)
+    shared = ()
+    if args.distributed:
+        name = f"rt_chaos_{seed}"
+        server = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+        subprocess.run(["psql", server, "-qc", f"CREATE DATABASE {name}"], check=True)
+        atexit.register(subprocess.run, ["psql", server, "-qc",
+                                         f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"])
+        shared = ("--database-url", server.rsplit("/", 1)[0] + "/" + name,
+                  "--nats-url", os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
+                  "--stream", name)
+    proc, url = start_system(binary, data_dir, shared)
     ok = False
     try:
         restaurant = f"chaos{seed}"
