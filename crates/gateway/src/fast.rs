@@ -88,10 +88,7 @@ fn parse(buf: &[u8], cors: bool) -> Parsed {
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Handoff;
     };
-    let at = |part: &[u8]| {
-        let start = part.as_ptr() as usize - buf.as_ptr() as usize;
-        start..start + part.len()
-    };
+    let at = |part: &[u8]| h1::range_of(buf, part);
     let mut fields = Vec::with_capacity(req.headers.len());
     let mut length: Option<u64> = None;
     let mut close = false;
@@ -235,19 +232,16 @@ async fn answer(front: &Front, head: &Head, raw: &Bytes, body: Bytes, out: &mut 
                 AnswerBody::Streamed(s) => s.len(),
             };
             h1::put_status(out, status);
-            for (name, value) in answer.head.headers() {
-                if h1::is_hop_by_hop(name)
-                    || name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes())
-                    || (!answer.head.bodiless && name.eq_ignore_ascii_case(b"content-length"))
-                {
-                    continue;
+            for (name, value) in answer.head.passed_on() {
+                // Replaced by the request's own, below.
+                if !name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes()) {
+                    h1::put_header(out, name, value);
                 }
-                h1::put_header(out, name, value);
             }
             h1::put_header(out, X_REQUEST_ID.as_str().as_bytes(), &request_id);
             if !answer.head.bodiless {
                 match length {
-                    Some(n) => put_length(out, n),
+                    Some(n) => h1::put_length(out, n),
                     None => h1::put_header(out, b"transfer-encoding", b"chunked"),
                 }
             }
@@ -274,12 +268,6 @@ async fn answer(front: &Front, head: &Head, raw: &Bytes, body: Bytes, out: &mut 
     tail
 }
 
-fn put_length(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(b"content-length: ");
-    h1::put_number(out, n);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// A problem's head into `out`; its body is returned.
 fn put_problem(out: &mut Vec<u8>, problem: Problem, request_id: Option<&[u8]>) -> Tail {
     let res: http::Response<Bytes> = problem.into_http();
@@ -290,7 +278,7 @@ fn put_problem(out: &mut Vec<u8>, problem: Problem, request_id: Option<&[u8]>) -
     if let Some(id) = request_id {
         h1::put_header(out, X_REQUEST_ID.as_str().as_bytes(), id);
     }
-    put_length(out, res.body().len() as u64);
+    h1::put_length(out, res.body().len() as u64);
     Tail::Body(res.into_body())
 }
 

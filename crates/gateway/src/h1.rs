@@ -16,7 +16,8 @@ const MAX_CHUNK_LINE: usize = 1024;
 /// A header's name and value, as byte ranges of the head it came from.
 pub(crate) type Field = (Range<usize>, Range<usize>);
 
-fn range_of(head: &[u8], part: &[u8]) -> Range<usize> {
+/// Where `part`, a slice of `head` (as httparse returns them), lies in it.
+pub(crate) fn range_of(head: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - head.as_ptr() as usize;
     start..start + part.len()
 }
@@ -74,6 +75,15 @@ impl ResponseHead {
         self.fields
             .iter()
             .map(|(n, v)| (&self.head[n.clone()], &self.head[v.clone()]))
+    }
+
+    /// The headers passed on to the client: not the hop-by-hop ones, nor
+    /// the length, which the gateway writes for the body it sends — unless
+    /// no body follows, when the length describes the resource.
+    pub fn passed_on(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers().filter(|(name, _)| {
+            !is_hop_by_hop(name) && (self.bodiless || !name.eq_ignore_ascii_case(b"content-length"))
+        })
     }
 }
 
@@ -336,8 +346,15 @@ pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Writes a `Content-Length` line.
+pub(crate) fn put_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    put_number(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Writes a decimal number.
-pub(crate) fn put_number(out: &mut Vec<u8>, n: u64) {
+fn put_number(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     let mut n = n;

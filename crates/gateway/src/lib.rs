@@ -998,12 +998,7 @@ fn answer_response(answer: Answer) -> GatewayResponse {
     *res.status_mut() =
         http::StatusCode::from_u16(head.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
     let headers = res.headers_mut();
-    for (name, value) in head.headers() {
-        if h1::is_hop_by_hop(name)
-            || (!head.bodiless && name.eq_ignore_ascii_case(b"content-length"))
-        {
-            continue;
-        }
+    for (name, value) in head.passed_on() {
         if let (Ok(n), Ok(v)) = (
             header::HeaderName::from_bytes(name),
             HeaderValue::from_bytes(value),

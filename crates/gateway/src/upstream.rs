@@ -92,9 +92,7 @@ impl Outgoing {
             http::Method::POST | http::Method::PUT | http::Method::PATCH
         );
         if has_body || !self.body.is_empty() {
-            out.extend_from_slice(b"content-length: ");
-            h1::put_number(out, self.body.len() as u64);
-            out.extend_from_slice(b"\r\n");
+            h1::put_length(out, self.body.len() as u64);
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&self.body);

@@ -87,6 +87,18 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// A 200 answer carrying `body` in chunks of `piece` bytes.
+fn chunked_answer(body: &[u8], piece: usize) -> Vec<u8> {
+    let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for part in body.chunks(piece) {
+        r.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        r.extend_from_slice(part);
+        r.extend_from_slice(b"\r\n");
+    }
+    r.extend_from_slice(b"0\r\n\r\n");
+    r
+}
+
 fn ok(body: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
@@ -174,14 +186,7 @@ async fn answers_of_every_framing_reach_the_client_whole() {
                 r
             }
             "GET /orders/bigchunked" => {
-                let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-                for part in big2.chunks(100_000) {
-                    r.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
-                    r.extend_from_slice(part);
-                    r.extend_from_slice(b"\r\n");
-                }
-                r.extend_from_slice(b"0\r\n\r\n");
-                r
+                chunked_answer(&big2, 100_000)
             }
             other => panic!("unexpected {other}"),
         };
@@ -393,16 +398,7 @@ async fn large_and_malformed_answers_are_handled_on_hyper_s_path_too() {
     let big2 = big.clone();
     let up = raw_upstream(move |seen| {
         let bytes = match seen.method_and_target() {
-            "GET /orders/big" => {
-                let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-                for part in big2.chunks(70_000) {
-                    r.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
-                    r.extend_from_slice(part);
-                    r.extend_from_slice(b"\r\n");
-                }
-                r.extend_from_slice(b"0\r\n\r\n");
-                r
-            }
+            "GET /orders/big" => chunked_answer(&big2, 70_000),
             // Two different lengths: a smuggling shape, never passed on.
             _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc".to_vec(),
         };
