@@ -513,16 +513,7 @@ impl Front {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             shutdown,
         };
-        let own = Router::new()
-            .route(
-                "/healthz",
-                get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-            )
-            .route("/readyz", get(readyz))
-            .route(
-                "/metrics",
-                get(|| async { restaurant_platform::telemetry::render_metrics() }),
-            )
+        let own = restaurant_platform::http::probe_routes(get(readyz))
             .with_state(gw.clone())
             .layer(axum::middleware::from_fn(problem_safety_net));
         Ok(Front {

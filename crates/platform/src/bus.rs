@@ -13,7 +13,7 @@ use restaurant_contract::now_ms;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
 
-use crate::db::{Db, DbOptions, SQLITE_PARAMS, placeholders, value_rows};
+use crate::db::{Db, DbOptions, placeholders, rows_per_statement, value_rows};
 
 /// A committed outbox row on its way to the bus.
 #[derive(Debug, Clone)]
@@ -214,7 +214,7 @@ impl EventLog {
         let mut tx = self.db.begin().await?;
         // One multi-row insert per batch: a few hundred events cost one
         // statement and one commit.
-        for chunk in batch.chunks(SQLITE_PARAMS / 5) {
+        for chunk in batch.chunks(rows_per_statement(&tx, 5)) {
             let values = value_rows(chunk.len(), 5);
             let sql = format!(
                 "INSERT INTO events (event_id, order_id, event_type, payload, appended_at) \

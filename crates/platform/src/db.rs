@@ -297,7 +297,7 @@ impl Db {
 /// parameter's name, and SQLite finds a name by walking the statement's list
 /// of them), so a few hundred parameters per statement is the sweet spot:
 /// measured, 1,200 spent 8% of the CPU there.
-pub const SQLITE_PARAMS: usize = 240;
+const SQLITE_PARAMS: usize = 240;
 /// Most parameters per statement on PostgreSQL: binding is linear there, and
 /// every statement is a round trip to a server that may be busy, so the
 /// fewer the better, well inside its limit of 65,535.

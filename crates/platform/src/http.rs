@@ -360,17 +360,24 @@ pub struct Readiness {
 /// `/healthz` (the process answers), `/readyz` (its database and bus answer,
 /// and it is not draining) and `/metrics` (Prometheus text).
 pub fn health_routes(ready: Readiness) -> Router {
+    probe_routes(get(readyz)).with_state(ready)
+}
+
+/// `/healthz`, `/metrics`, and `/readyz` as `readyz` says: what every
+/// process serves, the gateway included (its readiness is its upstreams').
+pub fn probe_routes<S: Clone + Send + Sync + 'static>(
+    readyz: axum::routing::MethodRouter<S>,
+) -> Router<S> {
     Router::new()
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
-        .route("/readyz", get(readyz))
+        .route("/readyz", readyz)
         .route(
             "/metrics",
             get(|| async { crate::telemetry::render_metrics() }),
         )
-        .with_state(ready)
 }
 
 async fn readyz(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem> {
