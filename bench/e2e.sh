@@ -29,7 +29,7 @@ case "$shape" in
     ;;
   *) echo "unknown shape $shape" >&2; exit 2 ;;
 esac
-RUST_LOG=warn "$bin" "${args[@]}" > "$dir/up.log" 2>&1 &
+RUST_LOG=${RUST_LOG:-warn} "$bin" "${args[@]}" > "$dir/up.log" 2>&1 &
 pid=$!
 cleanup() {
   kill -TERM "$pid" 2>/dev/null || true
@@ -37,6 +37,9 @@ cleanup() {
   if [ -n "$db" ]; then
     psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
   fi
+  # BENCH_KEEP_LOG=FILE keeps the server's log (e.g. with
+  # RUST_LOG=warn,sqlx::query=debug, to count statements).
+  if [ -n "${BENCH_KEEP_LOG:-}" ]; then cp "$dir/up.log" "$BENCH_KEEP_LOG"; fi
   rm -rf "$dir"
 }
 trap cleanup EXIT

@@ -7,6 +7,12 @@
 //! Because the record and the effect commit together, a crash at any point
 //! leaves either both or neither.
 //!
+//! The embedded log hands one consumer its events in one total order, so
+//! there the record is a single number: the log position of the last event
+//! applied or parked, in `consumer_offsets`, written in the transaction of
+//! the effect. Everything at or below it is a redelivery. One row per batch
+//! instead of one per event, and nothing to prune.
+//!
 //! An event that cannot be applied is retried a few times with backoff (a
 //! transient failure: a lock timeout, a full disk) and then parked in
 //! `dead_letters` with its error; one whose data violates the contract is
@@ -174,6 +180,9 @@ impl<H: Handler> Consumer<H> {
         // and the handlers take events in any order. The embedded log
         // acknowledges by position, in order: one batch at a time there.
         let depth = if sub.acknowledges_each() { 2 } else { 1 };
+        // The log's saved position may trail the offset (it is saved
+        // lazily): what is handed out again is dropped by the offset.
+        let positional = sub.total_order();
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut last_prune = tokio::time::Instant::now();
         loop {
@@ -196,7 +205,7 @@ impl<H: Handler> Consumer<H> {
             tokio::select! {
                 b = sub.next_batch(BATCH, IDLE_WAIT) => match b {
                     Ok(batch) if batch.is_empty() => {}
-                    Ok(batch) => in_flight.push(self.process(batch, shutdown)),
+                    Ok(batch) => in_flight.push(self.process(batch, positional, shutdown)),
                     Err(e) => {
                         tracing::warn!(consumer = %self.name, error = %e, "fetch failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -229,6 +238,7 @@ impl<H: Handler> Consumer<H> {
     async fn process(
         &self,
         batch: Vec<crate::bus::Delivery>,
+        positional: bool,
         shutdown: &Shutdown,
     ) -> (Vec<crate::bus::Delivery>, usize) {
         // The fast path: the whole batch in one transaction (one commit,
@@ -238,7 +248,7 @@ impl<H: Handler> Consumer<H> {
         metrics::histogram!("consumer_batch_size", "consumer" => self.name.clone())
             .record(batch.len() as f64);
         let started = std::time::Instant::now();
-        let applied = self.apply_batch(&batch).await;
+        let applied = self.apply_batch(&batch, positional).await;
         metrics::histogram!("consumer_batch_seconds", "consumer" => self.name.clone())
             .record(started.elapsed().as_secs_f64());
         match applied {
@@ -250,15 +260,30 @@ impl<H: Handler> Consumer<H> {
                 tracing::debug!(consumer = %self.name, error = %e, "batch failed; one by one");
             }
         }
+        // One by one, a redelivery must not be parked (or parked again)
+        // either: below the offset, nothing is looked at. Only this
+        // consumer writes its offset, one batch at a time.
+        let offset = if positional {
+            self.offset(self.db.reader()).await.ok().flatten()
+        } else {
+            None
+        };
         let mut done = 0;
         for d in &batch {
-            let outcome = if d.attempt > MAX_DELIVERIES {
+            let position = positional.then_some(d.position);
+            let outcome = if offset.is_some_and(|o| d.position <= o) {
+                Some(Outcome::Duplicate)
+            } else if d.attempt > MAX_DELIVERIES {
                 // Handed out this often only if the process died handling
                 // it each time: a poison that crashes. Park, don't retry.
                 let why = format!("delivered {} times without being acknowledged", d.attempt);
-                Some(self.park_raw(&d.payload, &why, d.attempt as u32).await)
+                let env = Envelope::from_json(d.payload.as_bytes()).ok();
+                Some(
+                    self.park(&d.payload, env.as_ref(), &why, d.attempt as u32, position)
+                        .await,
+                )
             } else {
-                self.offer(&d.payload, shutdown).await
+                self.offer_at(&d.payload, position, shutdown).await
             };
             if outcome.is_none() {
                 break; // shutting down mid-retry: leave the rest unacked
@@ -271,25 +296,44 @@ impl<H: Handler> Consumer<H> {
     /// Applies one raw message with retries and parking. `None` only when
     /// shutdown interrupted the retries.
     pub async fn offer(&self, payload: &str, shutdown: &Shutdown) -> Option<Outcome> {
+        self.offer_at(payload, None, shutdown).await
+    }
+
+    /// [`offer`](Self::offer) for an event at `position` of a totally
+    /// ordered log: its effect, or its parking, advances the offset.
+    async fn offer_at(
+        &self,
+        payload: &str,
+        position: Option<i64>,
+        shutdown: &Shutdown,
+    ) -> Option<Outcome> {
         let env = match Envelope::from_json(payload.as_bytes()) {
             Ok(env) => env,
-            Err(e) => return Some(self.park(payload, None, &e.to_string(), 1).await),
+            Err(e) => return Some(self.park(payload, None, &e.to_string(), 1, position).await),
         };
         let event = match env.event() {
             Ok(Some(ev)) if H::TYPES.contains(&env.event_type.as_str()) => ev,
             Ok(_) => return Some(Outcome::Ignored),
-            Err(e) => return Some(self.park(payload, Some(&env), &e.to_string(), 1).await),
+            Err(e) => {
+                return Some(
+                    self.park(payload, Some(&env), &e.to_string(), 1, position)
+                        .await,
+                );
+            }
         };
         let mut attempt = 1;
         loop {
-            match self.apply(&env, event.clone()).await {
+            match self.apply(&env, event.clone(), position).await {
                 Ok(outcome) => return Some(outcome),
                 Err(HandleError::Permanent(msg)) => {
-                    return Some(self.park(payload, Some(&env), &msg, attempt).await);
+                    return Some(
+                        self.park(payload, Some(&env), &msg, attempt, position)
+                            .await,
+                    );
                 }
                 Err(HandleError::Transient(e)) if attempt >= self.retry.max_attempts => {
                     return Some(
-                        self.park(payload, Some(&env), &format!("{e:#}"), attempt)
+                        self.park(payload, Some(&env), &format!("{e:#}"), attempt, position)
                             .await,
                     );
                 }
@@ -307,7 +351,11 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// Applies every event of `batch` in one transaction, or none.
-    async fn apply_batch(&self, batch: &[crate::bus::Delivery]) -> Result<(), HandleError> {
+    async fn apply_batch(
+        &self,
+        batch: &[crate::bus::Delivery],
+        positional: bool,
+    ) -> Result<(), HandleError> {
         use futures_util::FutureExt;
         let mut items = Vec::with_capacity(batch.len());
         for d in batch {
@@ -318,21 +366,43 @@ impl<H: Handler> Consumer<H> {
                 .map_err(|e| HandleError::Permanent(e.to_string()))?;
             match env.event() {
                 Ok(Some(ev)) if H::TYPES.contains(&env.event_type.as_str()) => {
-                    items.push((env, ev))
+                    items.push((env, ev, d.position))
                 }
                 Ok(_) => {}
                 Err(e) => return Err(HandleError::Permanent(e.to_string())),
             }
         }
-        if items.is_empty() {
+        let Some(last) = items.last().map(|(_, _, position)| *position) else {
             return Ok(());
-        }
+        };
         let mut tx = self.db.begin().await?;
-        let ids: Vec<&str> = items.iter().map(|(env, _)| env.event_id.as_str()).collect();
-        let mut fresh = self.record_batch(&mut tx, &ids).await?;
-        // Keep each new event once (a batch may hold the same id twice).
         let offered = items.len();
-        items.retain(|(env, _)| fresh.remove(&env.event_id));
+        // Without an offset yet (a new database, or one that recorded event
+        // ids before offsets existed) the ids are recorded this once.
+        let offset = match positional {
+            true => self.offset(&mut *tx).await?,
+            false => None,
+        };
+        let mut fresh = match offset {
+            Some(offset) => {
+                items.retain(|(_, _, position)| *position > offset);
+                items
+                    .iter()
+                    .map(|(env, _, _)| env.event_id.clone())
+                    .collect()
+            }
+            None => {
+                let ids: Vec<&str> = items
+                    .iter()
+                    .map(|(env, _, _)| env.event_id.as_str())
+                    .collect();
+                self.record_batch(&mut tx, &ids).await?
+            }
+        };
+        // Keep each new event once (a batch may hold the same id twice).
+        items.retain(|(env, _, _)| fresh.remove(&env.event_id));
+        let items: Vec<(Envelope, Event)> =
+            items.into_iter().map(|(env, ev, _)| (env, ev)).collect();
         let applied = items.len() as u64;
         if offered as u64 > applied {
             metrics::counter!("consumer_duplicates_total", "consumer" => self.name.clone())
@@ -343,6 +413,9 @@ impl<H: Handler> Consumer<H> {
                 .catch_unwind()
                 .await
                 .map_err(|_| HandleError::Permanent("the handler panicked".into()))??;
+        }
+        if positional {
+            self.save_offset(&mut tx, last).await?;
         }
         tx.commit().await?;
         if applied > 0 {
@@ -391,16 +464,40 @@ impl<H: Handler> Consumer<H> {
             .is_empty())
     }
 
-    async fn park_raw(&self, payload: &str, error: &str, attempts: u32) -> Outcome {
-        let env = Envelope::from_json(payload.as_bytes()).ok();
-        self.park(payload, env.as_ref(), error, attempts).await
+    /// The log position of the last event applied or parked, if recorded.
+    async fn offset<'e>(
+        &self,
+        db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar("SELECT position FROM consumer_offsets WHERE consumer = $1")
+            .bind(&self.name)
+            .fetch_optional(db)
+            .await
+    }
+
+    async fn save_offset(&self, tx: &mut Tx, position: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO consumer_offsets (consumer, position) VALUES ($1, $2) \
+             ON CONFLICT (consumer) DO UPDATE SET position = excluded.position \
+             WHERE excluded.position > consumer_offsets.position",
+        )
+        .bind(&self.name)
+        .bind(position)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     /// One attempt: dedup record + effect in one transaction. A panicking
     /// handler is a permanent failure of this event, not of the consumer.
-    async fn apply(&self, env: &Envelope, event: Event) -> Result<Outcome, HandleError> {
+    async fn apply(
+        &self,
+        env: &Envelope,
+        event: Event,
+        position: Option<i64>,
+    ) -> Result<Outcome, HandleError> {
         use futures_util::FutureExt;
-        match std::panic::AssertUnwindSafe(self.apply_inner(env, event))
+        match std::panic::AssertUnwindSafe(self.apply_inner(env, event, position))
             .catch_unwind()
             .await
         {
@@ -409,8 +506,15 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    async fn apply_inner(&self, env: &Envelope, event: Event) -> Result<Outcome, HandleError> {
+    async fn apply_inner(
+        &self,
+        env: &Envelope,
+        event: Event,
+        position: Option<i64>,
+    ) -> Result<Outcome, HandleError> {
         let mut tx = self.db.begin().await?;
+        // The id is recorded on this path even with an offset: it is also
+        // the path of a parked event's replay, which has no position.
         if !self.record(&mut tx, env).await? {
             tx.rollback().await?;
             metrics::counter!("consumer_duplicates_total", "consumer" => self.name.clone())
@@ -418,6 +522,9 @@ impl<H: Handler> Consumer<H> {
             return Ok(Outcome::Duplicate);
         }
         self.handler.handle(&mut tx, env, event).await?;
+        if let Some(position) = position {
+            self.save_offset(&mut tx, position).await?;
+        }
         tx.commit().await?;
         self.outbox.notify();
         self.handler.after_commit();
@@ -425,12 +532,15 @@ impl<H: Handler> Consumer<H> {
         Ok(Outcome::Applied)
     }
 
+    /// Parks an event; at a log `position`, the offset moves past it in
+    /// the same transaction, so a redelivery is never parked twice.
     async fn park(
         &self,
         payload: &str,
         env: Option<&Envelope>,
         error: &str,
         attempts: u32,
+        position: Option<i64>,
     ) -> Outcome {
         tracing::error!(consumer = %self.name, event_id = ?env.map(|e| &e.event_id), error, "parking event as a dead letter");
         metrics::counter!("consumer_dead_letters_total", "consumer" => self.name.clone())
@@ -439,20 +549,28 @@ impl<H: Handler> Consumer<H> {
         // Parking must not fail silently: the event would be lost. Keep
         // trying; the database being down stops this consumer either way.
         loop {
-            let res = sqlx::query(
-                "INSERT INTO dead_letters \
-                 (consumer, event_id, event_type, order_id, payload, error, attempts, parked_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(&self.name)
-            .bind(env.map(|e| e.event_id.clone()))
-            .bind(env.map(|e| e.event_type.clone()))
-            .bind(env.map(|e| e.order_id.clone()))
-            .bind(payload)
-            .bind(error)
-            .bind(attempts as i64)
-            .bind(now_ms())
-            .execute(self.db.writer())
+            let res = async {
+                let mut tx = self.db.begin().await?;
+                sqlx::query(
+                    "INSERT INTO dead_letters \
+                     (consumer, event_id, event_type, order_id, payload, error, attempts, parked_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&self.name)
+                .bind(env.map(|e| e.event_id.clone()))
+                .bind(env.map(|e| e.event_type.clone()))
+                .bind(env.map(|e| e.order_id.clone()))
+                .bind(payload)
+                .bind(error)
+                .bind(attempts as i64)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+                if let Some(position) = position {
+                    self.save_offset(&mut tx, position).await?;
+                }
+                tx.commit().await
+            }
             .await;
             match res {
                 Ok(_) => return Outcome::Parked,

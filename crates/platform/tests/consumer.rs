@@ -317,24 +317,35 @@ async fn wait_for_effects(db: &Db, n: i64) {
     }
 }
 
-/// The batch path: a crash after applying but before the position was
-/// saved redelivers a whole batch, mixed with new events. Each old event is
-/// recognised in the batch's one dedup statement and has no second effect.
+async fn count(db: &Db, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(db.reader())
+        .await
+        .unwrap()
+}
+
+/// The batch path: a crash after applying but before the log position was
+/// saved redelivers a whole batch, mixed with new events. The consumer's
+/// offset, committed with the effects, drops every old event, a parked one
+/// included; and once there is an offset, no event id is recorded.
 #[tokio::test]
 async fn a_redelivered_batch_has_one_effect_per_event() {
     let f = fixture(0).await;
     let path = f.dir_path.join("events.db");
     let log = EventLog::open(&path, false).await.unwrap();
     let bus = Bus::Embedded(log.clone());
-    let first: Vec<_> = (0..50)
+    let mut first: Vec<_> = (0..50)
         .map(|i| outgoing(&placed(&format!("c{i}"))))
         .collect();
+    first.insert(25, outgoing(&placed("poison")));
     bus.publish(&first).await.unwrap();
     let stop = Shutdown::new();
     let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
     wait_for_effects(&f.db, 50).await;
     stop.trigger();
     run.await.unwrap();
+    assert_eq!(f.consumer.dead_letters().await.unwrap().len(), 1);
+    let recorded = count(&f.db, "processed_events").await;
 
     // Lose the saved position, as if the process died before saving it.
     sqlx::query("DELETE FROM consumer_positions")
@@ -357,4 +368,14 @@ async fn a_redelivered_batch_has_one_effect_per_event() {
     stop.trigger();
     run.await.unwrap();
     assert_eq!(effects(&f.db).await, 60);
+    assert_eq!(f.consumer.dead_letters().await.unwrap().len(), 1);
+    assert_eq!(count(&f.db, "processed_events").await, recorded);
+    let offset: i64 = sqlx::query_scalar("SELECT position FROM consumer_offsets")
+        .fetch_one(f.db.reader())
+        .await
+        .unwrap();
+    assert_eq!(
+        offset, 61,
+        "the offset is the log position of the last event"
+    );
 }
