@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use restaurant_contract::{CookCompleted, OrderLine, now_ms};
-use restaurant_platform::db::{Db, Tx, placeholders, rows_per_statement, value_rows};
+use restaurant_platform::db::{Db, Params, Tx, rows_per_statement};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
 use crate::domain::{CookStatus, MenuItem, Ticket};
@@ -137,7 +137,7 @@ pub async fn insert_tickets(
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut claimed = HashSet::with_capacity(tickets.len());
     for chunk in tickets.chunks(rows_per_statement(tx, 10)) {
-        let values = value_rows(chunk.len(), 10);
+        let values = Params::of(tx).rows(chunk.len(), 10);
         let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!(
             "INSERT INTO cooks ({TICKET_COLUMNS}) VALUES {values} \
              ON CONFLICT (order_id) DO NOTHING RETURNING order_id"
@@ -175,7 +175,7 @@ pub async fn stock_for_update(
     let mut q = sqlx::query(AssertSqlSafe(format!(
         "SELECT restaurant_id, menu_id, stock FROM menus WHERE restaurant_id IN ({}) \
          ORDER BY restaurant_id, menu_id{}",
-        placeholders(1, restaurants.len()),
+        Params::of(tx).list(restaurants.len()),
         db.lock_suffix()
     )));
     for r in restaurants {
@@ -291,11 +291,13 @@ pub async fn mark_cooked(
 ) -> Result<Vec<(String, CookCompleted)>, sqlx::Error> {
     let mut done = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
+        let mut p = Params::of(tx);
         let mut q = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE cooks SET status = 'COOKED', complete_at = NULL, updated_at = $1 \
+            "UPDATE cooks SET status = 'COOKED', complete_at = NULL, updated_at = {} \
              WHERE status = 'COOKING' AND id IN ({}) \
              RETURNING id, order_id, restaurant_id, address",
-            placeholders(2, chunk.len())
+            p.one(),
+            p.list(chunk.len())
         )))
         .bind(now);
         for id in chunk {

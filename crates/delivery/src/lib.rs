@@ -16,7 +16,7 @@ use restaurant_contract::{
 };
 use restaurant_platform::{
     consumer::{HandleError, Handler},
-    db::{Db, Migrations, Tx, placeholders, rows_per_statement},
+    db::{Db, Migrations, Params, Tx, rows_per_statement},
     http::{Json, Path, Problem, Query, RequestContext, required},
     outbox, rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -130,34 +130,25 @@ async fn start_deliveries(
     let now = now_ms();
     let complete_at = app.delivery_time.map(|d| now + d.as_millis() as i64);
     let mut events = Vec::with_capacity(cooked.len());
-    for chunk in cooked.chunks(rows_per_statement(tx, 4)) {
-        let values = (0..chunk.len())
-            .map(|i| {
-                let p = i * 4;
-                format!(
-                    "(${}, ${}, ${}, ${}, 'DELIVERING', $1, $2, $2)",
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+    for chunk in cooked.chunks(rows_per_statement(tx, 7)) {
+        let values = Params::of(tx).rows_of(chunk.len(), |p| {
+            format!("({}, 'DELIVERING', {})", p.list(4), p.list(3))
+        });
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO deliveries (id, order_id, cook_id, address, status, complete_at, \
              created_at, updated_at) VALUES {values} \
              ON CONFLICT (order_id) DO NOTHING RETURNING id, order_id"
-        )))
-        .bind(complete_at)
-        .bind(now);
+        )));
         let ids: Vec<String> = chunk.iter().map(|_| new_id()).collect();
         for (id, (env, c)) in ids.iter().zip(chunk) {
             q = q
                 .bind(id)
                 .bind(&env.order_id)
                 .bind(&c.cook_id)
-                .bind(&c.address);
+                .bind(&c.address)
+                .bind(complete_at)
+                .bind(now)
+                .bind(now);
         }
         let mut started: std::collections::HashMap<String, String> = q
             .fetch_all(&mut **tx)
@@ -197,10 +188,12 @@ async fn complete_in(tx: &mut Tx, ids: &[String], cause: &Cause) -> Result<(), s
     let now = now_ms();
     let mut events = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
+        let mut p = Params::of(tx);
         let mut q = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL, updated_at = $1 \
+            "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL, updated_at = {} \
              WHERE status = 'DELIVERING' AND id IN ({}) RETURNING id, order_id",
-            placeholders(2, chunk.len())
+            p.one(),
+            p.list(chunk.len())
         )))
         .bind(now);
         for id in chunk {

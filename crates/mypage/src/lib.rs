@@ -19,7 +19,7 @@ use restaurant_contract::{Envelope, Event, OrderLine};
 use restaurant_platform::{
     bus::Bus,
     consumer::{HandleError, Handler},
-    db::{Db, Migrations, Tx, placeholders, rows_per_statement, value_rows},
+    db::{Db, Migrations, Params, Tx, rows_per_statement},
     http::{Json, Path, Problem, Query, required},
     rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -89,10 +89,7 @@ async fn project_batch(
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
         // Make sure the rows exist so they can be locked: two replicas
         // applying events of one order must not lose each other's update.
-        let values = (1..=chunk.len())
-            .map(|i| format!("(${i}, 0, 0, 0)"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let values = Params::of(tx).rows_of(chunk.len(), |p| format!("({}, 0, 0, 0)", p.one()));
         let mut insert = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {table} (order_id, facts, updated_at, projected_at) VALUES {values} \
              ON CONFLICT (order_id) DO NOTHING"
@@ -103,7 +100,7 @@ async fn project_batch(
         insert.execute(&mut **tx).await?;
         let mut select = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM {table} WHERE order_id IN ({}) ORDER BY order_id{}",
-            placeholders(1, chunk.len()),
+            Params::of(tx).list(chunk.len()),
             db.lock_suffix()
         )));
         for id in chunk {
@@ -132,7 +129,7 @@ async fn project_batch(
         .map(|(view, _)| view)
         .collect();
     for chunk in changed.chunks(rows_per_statement(tx, 12)) {
-        let values = value_rows(chunk.len(), 12);
+        let values = Params::of(tx).rows(chunk.len(), 12);
         let mut upsert = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {table} ({COLUMNS}) VALUES {values} ON CONFLICT (order_id) DO UPDATE SET \
              customer_id = excluded.customer_id, restaurant_id = excluded.restaurant_id, \

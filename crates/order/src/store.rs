@@ -2,7 +2,7 @@
 //! caller owns, so the state change and its outbox event commit together.
 
 use restaurant_contract::OrderLine;
-use restaurant_platform::db::{Db, Tx, placeholders, rows_per_statement, value_rows};
+use restaurant_platform::db::{Db, Params, Tx, rows_per_statement};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
 use crate::domain::{Order, OrderStatus};
@@ -49,7 +49,7 @@ pub async fn save_all(tx: &mut Tx, orders: &[&Order]) -> Result<(), sqlx::Error>
 
 async fn write_all(tx: &mut Tx, orders: &[&Order], on_conflict: &str) -> Result<(), sqlx::Error> {
     for chunk in orders.chunks(rows_per_statement(tx, 11)) {
-        let values = value_rows(chunk.len(), 11);
+        let values = Params::of(tx).rows(chunk.len(), 11);
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO orders ({COLUMNS}) VALUES {values}{on_conflict}"
         )));
@@ -88,7 +88,7 @@ pub async fn load_many_for_update(
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM orders WHERE id IN ({}) ORDER BY id{}",
-            placeholders(1, chunk.len()),
+            Params::of(tx).list(chunk.len()),
             db.lock_suffix()
         )));
         for id in chunk {

@@ -13,7 +13,7 @@ use restaurant_contract::now_ms;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
 
-use crate::db::{Db, DbOptions, placeholders, rows_per_statement, value_rows};
+use crate::db::{Db, DbOptions, Params, rows_per_statement};
 
 /// A committed outbox row on its way to the bus.
 #[derive(Debug, Clone)]
@@ -222,7 +222,7 @@ impl EventLog {
         // One multi-row insert per batch: a few hundred events cost one
         // statement and one commit.
         for chunk in batch.chunks(rows_per_statement(&tx, 5)) {
-            let values = value_rows(chunk.len(), 5);
+            let values = Params::of(&tx).rows(chunk.len(), 5);
             let sql = format!(
                 "INSERT INTO events (event_id, order_id, event_type, payload, appended_at) \
                  VALUES {values} ON CONFLICT (event_id) DO NOTHING"
@@ -326,10 +326,12 @@ impl LogSubscription {
         // Read the head before querying: every event up to it is committed,
         // so if the query finds none of ours, none of ours is at or below it.
         let head = *self.wake.borrow_and_update();
+        let mut p = Params::for_db(&self.db);
         let sql = format!(
-            "SELECT seq, payload FROM events WHERE seq > $1 AND event_type IN ({}) \
+            "SELECT seq, payload FROM events WHERE seq > {} AND event_type IN ({}) \
              ORDER BY seq LIMIT {max}",
-            placeholders(2, self.types.len())
+            p.one(),
+            p.list(self.types.len())
         );
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind(self.position);
         for t in self.types {

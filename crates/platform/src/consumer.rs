@@ -28,7 +28,7 @@ use sqlx::Row;
 
 use crate::{
     bus::{Bus, MAX_DELIVERIES},
-    db::{Db, Tx, rows_per_statement},
+    db::{Db, Params, Tx, rows_per_statement},
     outbox::OutboxSignal,
     shutdown::Shutdown,
 };
@@ -436,20 +436,15 @@ impl<H: Handler> Consumer<H> {
     ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
         let mut fresh = std::collections::HashSet::with_capacity(event_ids.len());
         let now = now_ms();
-        for chunk in event_ids.chunks(rows_per_statement(tx, 1)) {
-            let values = (0..chunk.len())
-                .map(|i| format!("($1, ${}, $2)", i + 3))
-                .collect::<Vec<_>>()
-                .join(", ");
+        for chunk in event_ids.chunks(rows_per_statement(tx, 3)) {
+            let values = Params::of(tx).rows(chunk.len(), 3);
             let sql = format!(
                 "INSERT INTO processed_events (consumer, event_id, processed_at) VALUES {values} \
                  ON CONFLICT DO NOTHING RETURNING event_id"
             );
-            let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
-                .bind(&self.name)
-                .bind(now);
+            let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
             for id in chunk {
-                q = q.bind(*id);
+                q = q.bind(&self.name).bind(*id).bind(now);
             }
             fresh.extend(q.fetch_all(&mut **tx).await?);
         }

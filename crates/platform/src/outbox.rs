@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::{
     bus::{Bus, OutgoingEvent},
-    db::{Db, Tx, placeholders, rows_per_statement},
+    db::{Db, Params, Tx, rows_per_statement},
     shutdown::Shutdown,
 };
 
@@ -30,22 +30,19 @@ pub async fn append(tx: &mut Tx, env: &Envelope) -> Result<(), sqlx::Error> {
 /// Appends many envelopes, many per statement.
 pub async fn append_all(tx: &mut Tx, envs: &[Envelope]) -> Result<(), sqlx::Error> {
     let now = now_ms();
-    for chunk in envs.chunks(rows_per_statement(tx, 4)) {
-        let values = (0..chunk.len())
-            .map(|i| format!("({}, $1)", placeholders(i * 4 + 2, 4)))
-            .collect::<Vec<_>>()
-            .join(", ");
+    for chunk in envs.chunks(rows_per_statement(tx, 5)) {
+        let values = Params::of(tx).rows(chunk.len(), 5);
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO outbox (event_id, order_id, event_type, payload, created_at) \
              VALUES {values}"
-        )))
-        .bind(now);
+        )));
         for env in chunk {
             q = q
                 .bind(&env.event_id)
                 .bind(&env.order_id)
                 .bind(&env.event_type)
-                .bind(env.to_json());
+                .bind(env.to_json())
+                .bind(now);
         }
         q.execute(&mut **tx).await?;
         for env in chunk {
@@ -128,7 +125,8 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
     // thousands of dead rows await autovacuum.
     let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT seq, event_id, order_id, event_type, payload FROM outbox \
-         ORDER BY seq LIMIT $1{}",
+         ORDER BY seq LIMIT {}{}",
+        Params::of(&tx).one(),
         db.skip_locked_suffix()
     )))
     .bind(RELAY_BATCH)
@@ -152,7 +150,7 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
     bus.publish(&batch).await?;
     let sql = format!(
         "DELETE FROM outbox WHERE seq IN ({})",
-        placeholders(1, seqs.len())
+        Params::of(&tx).list(seqs.len())
     );
     let mut delete = sqlx::query(AssertSqlSafe(sql));
     for seq in &seqs {
