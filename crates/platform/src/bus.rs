@@ -13,7 +13,10 @@ use restaurant_contract::now_ms;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
 
-use crate::db::{Db, DbOptions, Params, rows_per_statement};
+use crate::{
+    db::{Db, DbOptions, Params, rows_per_statement},
+    tail::{Tail, TailEvent},
+};
 
 /// A committed outbox row on its way to the bus.
 #[derive(Debug, Clone)]
@@ -181,20 +184,36 @@ pub struct EventLog {
     /// sharing the file (services run apart with `restaurant serve`) can only
     /// be seen by looking, so there this is short.
     poll: Duration,
+    /// The newest events, for this process's subscribers (see
+    /// [`crate::tail`]); none when other processes append too.
+    tail: Option<Arc<std::sync::Mutex<Tail>>>,
+    /// Appends of this process one at a time (the log has one writer
+    /// anyway), so the tail and the head are updated in commit order.
+    appending: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// Events the tail keeps: ~0.7 s of the embedded shape's peak rate, far
+/// more than any consumer trails by when it keeps up (~10-100 ms), and a
+/// few MiB.
+const TAIL_EVENTS: usize = 4_096;
 
 impl EventLog {
     /// Opens the log for use by one process.
     pub async fn open(path: &Path, fsync: bool) -> anyhow::Result<EventLog> {
-        Self::open_with_poll(path, fsync, Duration::from_secs(1)).await
+        Self::open_with_poll(path, fsync, Duration::from_secs(1), true).await
     }
 
     /// Opens a log that other processes append to as well.
     pub async fn open_shared(path: &Path, fsync: bool) -> anyhow::Result<EventLog> {
-        Self::open_with_poll(path, fsync, Duration::from_millis(20)).await
+        Self::open_with_poll(path, fsync, Duration::from_millis(20), false).await
     }
 
-    async fn open_with_poll(path: &Path, fsync: bool, poll: Duration) -> anyhow::Result<EventLog> {
+    async fn open_with_poll(
+        path: &Path,
+        fsync: bool,
+        poll: Duration,
+        tail: bool,
+    ) -> anyhow::Result<EventLog> {
         let url = format!("sqlite://{}", path.display());
         let opts = DbOptions {
             fsync,
@@ -211,6 +230,8 @@ impl EventLog {
             db,
             last_seq: Arc::new(watch::Sender::new(last)),
             poll,
+            tail: tail.then(|| Arc::new(std::sync::Mutex::new(Tail::new(last, TAIL_EVENTS)))),
+            appending: Arc::default(),
         })
     }
 
@@ -218,14 +239,19 @@ impl EventLog {
         if batch.is_empty() {
             return Ok(());
         }
+        let _one_at_a_time = self.appending.lock().await;
         let mut tx = self.db.begin().await?;
+        let before: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut appended: Vec<(i64, String)> = Vec::with_capacity(batch.len());
         // One multi-row insert per batch: a few hundred events cost one
         // statement and one commit.
         for chunk in batch.chunks(rows_per_statement(&tx, 5)) {
             let values = Params::of(&tx).rows(chunk.len(), 5);
             let sql = format!(
                 "INSERT INTO events (event_id, order_id, event_type, payload, appended_at) \
-                 VALUES {values} ON CONFLICT (event_id) DO NOTHING"
+                 VALUES {values} ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id"
             );
             let now = now_ms();
             let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -237,13 +263,37 @@ impl EventLog {
                     .bind(&e.payload)
                     .bind(now);
             }
-            q.execute(&mut *tx).await?;
+            for row in q.fetch_all(&mut *tx).await? {
+                appended.push((row.try_get(0)?, row.try_get(1)?));
+            }
         }
-        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
-            .fetch_one(&mut *tx)
-            .await?;
+        let last = appended.iter().map(|(seq, _)| *seq).fold(before, i64::max);
         tx.commit().await?;
-        self.last_seq.send_replace(last);
+        if let Some(tail) = &self.tail {
+            // A batch names an event twice only when republished; the
+            // first one was inserted.
+            let by_id: std::collections::HashMap<&str, &OutgoingEvent> = batch
+                .iter()
+                .rev()
+                .map(|e| (e.event_id.as_str(), e))
+                .collect();
+            let events = appended
+                .iter()
+                .filter_map(|(seq, id)| {
+                    by_id.get(id.as_str()).map(|e| TailEvent {
+                        seq: *seq,
+                        event_type: e.event_type.clone(),
+                        payload: e.payload.clone(),
+                    })
+                })
+                .collect();
+            tail.lock().expect("tail lock").extend(before, events, last);
+        }
+        self.last_seq.send_if_modified(|head| {
+            let newer = last > *head;
+            *head = (*head).max(last);
+            newer
+        });
         Ok(())
     }
 
@@ -267,6 +317,7 @@ impl EventLog {
             last_save: std::time::Instant::now(),
             wake: self.last_seq.subscribe(),
             poll: self.poll,
+            tail: self.tail.clone(),
         })
     }
 
@@ -311,6 +362,7 @@ pub struct LogSubscription {
     last_save: std::time::Instant,
     wake: watch::Receiver<i64>,
     poll: Duration,
+    tail: Option<Arc<std::sync::Mutex<Tail>>>,
 }
 
 impl LogSubscription {
@@ -326,6 +378,54 @@ impl LogSubscription {
         // Read the head before querying: every event up to it is committed,
         // so if the query finds none of ours, none of ours is at or below it.
         let head = *self.wake.borrow_and_update();
+        let recent = self.tail.as_ref().and_then(|tail| {
+            tail.lock()
+                .expect("tail lock")
+                .read(self.position, self.types, max)
+        });
+        let (batch, upto) = match recent {
+            Some((events, upto)) => {
+                metrics::counter!("eventlog_reads_total", "from" => "tail").increment(1);
+                let batch = events
+                    .into_iter()
+                    .map(|(position, payload)| Delivery {
+                        position,
+                        payload,
+                        attempt: 1,
+                        message: None,
+                    })
+                    .collect::<Vec<_>>();
+                (batch, upto)
+            }
+            None => {
+                metrics::counter!("eventlog_reads_total", "from" => "table").increment(1);
+                let batch = self.read_table(max).await?;
+                let upto = batch.last().map_or(head, |d| d.position);
+                (batch, upto)
+            }
+        };
+        self.position = self.position.max(upto);
+        if batch.is_empty() {
+            // Skip over events of other types so the next scan starts
+            // later. Nothing is in flight when a consumer asks again (one
+            // batch at a time on this log), so all before is handled.
+            self.pending = self.pending.max(self.position);
+            // Idle: a good moment to save what was acknowledged. Not after
+            // every append of other services' events, though: under load
+            // that was ~200 commits/s on the log's one writer, each with
+            // its fsync, competing with every relay.
+            if idle {
+                self.save().await?;
+            } else {
+                self.ack(self.pending).await?;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Up to `max` events of this subscription's types after its position,
+    /// from the table.
+    async fn read_table(&self, max: usize) -> anyhow::Result<Vec<Delivery>> {
         let mut p = Params::for_db(&self.db);
         let sql = format!(
             "SELECT seq, payload FROM events WHERE seq > {} AND event_type IN ({}) \
@@ -338,7 +438,7 @@ impl LogSubscription {
             q = q.bind(*t);
         }
         let rows = q.fetch_all(self.db.reader()).await?;
-        let batch: Vec<Delivery> = rows
+        Ok(rows
             .iter()
             .map(|r| {
                 Ok(Delivery {
@@ -348,26 +448,7 @@ impl LogSubscription {
                     message: None,
                 })
             })
-            .collect::<Result<_, sqlx::Error>>()?;
-        if let Some(last) = batch.last() {
-            self.position = last.position;
-        } else {
-            // Skip over events of other types so the next scan starts later.
-            if head > self.position {
-                self.position = head;
-                self.pending = self.pending.max(head);
-            }
-            // Idle: a good moment to save what was acknowledged. Not after
-            // every append of other services' events, though: under load
-            // that was ~200 commits/s on the log's one writer, each with
-            // its fsync, competing with every relay.
-            if idle {
-                self.save().await?;
-            } else {
-                self.ack(self.pending).await?;
-            }
-        }
-        Ok(batch)
+            .collect::<Result<_, sqlx::Error>>()?)
     }
 
     /// Saves the position, at most every [`POSITION_SAVE_EVERY`]: every

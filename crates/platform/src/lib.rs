@@ -29,6 +29,7 @@ pub mod http;
 pub mod outbox;
 pub mod service;
 pub mod shutdown;
+mod tail;
 pub mod telemetry;
 pub mod timer;
 
