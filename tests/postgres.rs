@@ -171,7 +171,8 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
         .collect();
     assert_eq!(stock, vec![1, 0], "the short order took nothing");
 
-    // MyPage: an idempotent consumer on PostgreSQL.
+    // MyPage on PostgreSQL: a consumer without dedup records (its view is a
+    // join of facts), so a second delivery is applied and changes nothing.
     let consumer = Consumer::new(
         "mypage",
         mypage.clone(),
@@ -180,8 +181,22 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     );
     let env = placed("c").to_json();
     let stop = Shutdown::new();
+    let view = || async {
+        sqlx::query_as::<_, (i64, i64)>("SELECT facts, projected_at FROM views")
+            .fetch_all(mypage.reader())
+            .await
+            .unwrap()
+    };
     assert_eq!(consumer.offer(&env, &stop).await, Some(Outcome::Applied));
-    assert_eq!(consumer.offer(&env, &stop).await, Some(Outcome::Duplicate));
+    let first = view().await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(consumer.offer(&env, &stop).await, Some(Outcome::Applied));
+    assert_eq!(view().await, first, "the second delivery changed nothing");
+    let records: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM processed_events")
+        .fetch_one(mypage.reader())
+        .await
+        .unwrap();
+    assert_eq!(records, 0);
 
     for db in [&order, &cook, &mypage] {
         db.close().await;

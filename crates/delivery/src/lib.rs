@@ -246,6 +246,9 @@ pub struct DeliveryEvents(pub App);
 
 impl Handler for DeliveryEvents {
     const TYPES: &'static [&'static str] = &["CookCompleted"];
+    /// One delivery per order (UNIQUE order_id): a second CookCompleted
+    /// inserts nothing and so publishes nothing.
+    const IDEMPOTENT: bool = true;
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
         self.handle_batch(tx, vec![(env.clone(), event)]).await

@@ -257,6 +257,9 @@ pub struct MyPageEvents(pub Db);
 
 impl Handler for MyPageEvents {
     const TYPES: &'static [&'static str] = Event::TYPES;
+    /// A view is a join of facts: an event applied again, in any order,
+    /// changes nothing (`projection::tests`, permutations and duplicates).
+    const IDEMPOTENT: bool = true;
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
         project_batch(&self.0, tx, "views", &[(env.clone(), event)]).await?;

@@ -56,6 +56,13 @@ pub trait Handler: Send + Sync + 'static {
     /// The event types this handler wants; others are never delivered.
     const TYPES: &'static [&'static str];
 
+    /// Applying an event a second time, in any order with the others, has
+    /// no further effect (a projection that is a join of facts; an insert
+    /// guarded by a unique key that emits only what it inserted). Then the
+    /// consumer keeps no dedup record: one statement, and one row written
+    /// per event, less. The handler's own tests must show it.
+    const IDEMPOTENT: bool = false;
+
     /// Applies `event` inside `tx`. Everything the handler writes, including
     /// outgoing events through the outbox, commits with the dedup record.
     fn handle<'a>(
@@ -383,14 +390,12 @@ impl<H: Handler> Consumer<H> {
             true => self.offset(&mut *tx).await?,
             false => None,
         };
+        if let Some(offset) = offset {
+            items.retain(|(_, _, position)| *position > offset);
+        }
         let mut fresh = match offset {
-            Some(offset) => {
-                items.retain(|(_, _, position)| *position > offset);
-                items
-                    .iter()
-                    .map(|(env, _, _)| env.event_id.clone())
-                    .collect()
-            }
+            Some(_) => ids_of(&items),
+            None if H::IDEMPOTENT => ids_of(&items),
             None => {
                 let ids: Vec<&str> = items
                     .iter()
@@ -510,7 +515,7 @@ impl<H: Handler> Consumer<H> {
         let mut tx = self.db.begin().await?;
         // The id is recorded on this path even with an offset: it is also
         // the path of a parked event's replay, which has no position.
-        if !self.record(&mut tx, env).await? {
+        if !H::IDEMPOTENT && !self.record(&mut tx, env).await? {
             tx.rollback().await?;
             metrics::counter!("consumer_duplicates_total", "consumer" => self.name.clone())
                 .increment(1);
@@ -622,6 +627,14 @@ impl<H: Handler> Consumer<H> {
             .await?;
         Ok(outcome)
     }
+}
+
+/// The event ids of a batch, each once.
+fn ids_of(items: &[(Envelope, Event, i64)]) -> std::collections::HashSet<String> {
+    items
+        .iter()
+        .map(|(env, _, _)| env.event_id.clone())
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,0 +1,93 @@
+//! The delivery consumer keeps no dedup records (`Handler::IDEMPOTENT`):
+//! that is sound only because a CookCompleted applied again — in the same
+//! batch, in a later one, after the delivery finished — starts nothing and
+//! publishes nothing.
+
+use std::{sync::Arc, time::Duration};
+
+use restaurant_contract::{Cause, CookCompleted, Envelope, Event};
+use restaurant_delivery::{App, DeliveryEvents};
+use restaurant_platform::{
+    bus::{Bus, EventLog},
+    consumer::Handler,
+    db::{Db, DbOptions},
+    outbox,
+    service::ServiceContext,
+    shutdown::Shutdown,
+};
+
+fn cooked(order_id: &str) -> (Envelope, Event) {
+    let ev = Event::CookCompleted(CookCompleted {
+        cook_id: format!("cook-{order_id}"),
+        restaurant_id: "r".into(),
+        address: "a".into(),
+    });
+    (Envelope::new("cook", order_id, &ev, &Cause::default()), ev)
+}
+
+async fn count(db: &Db, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(db.reader())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_cook_completed_applied_again_starts_and_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("delivery.db").display());
+    let db = Db::connect(
+        &url,
+        &restaurant_delivery::migrations(),
+        DbOptions {
+            fsync: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let log = EventLog::open(&dir.path().join("events.db"), false)
+        .await
+        .unwrap();
+    let ctx = ServiceContext::new("delivery", db.clone(), Bus::Embedded(log), Shutdown::new());
+    let handler = DeliveryEvents(App {
+        ctx,
+        delivery_time: Some(Duration::ZERO),
+        timer_wake: Arc::default(),
+    });
+    let apply = |batch: Vec<(Envelope, Event)>| {
+        let (db, handler) = (db.clone(), &handler);
+        async move {
+            let mut tx = db.begin().await.unwrap();
+            handler.handle_batch(&mut tx, batch).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    let (a, b) = (cooked("order-a"), cooked("order-b"));
+    // Twice in one batch, then again in later batches.
+    apply(vec![a.clone(), b.clone(), a.clone()]).await;
+    apply(vec![b.clone()]).await;
+    // After the delivery is done, too.
+    sqlx::query("UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL")
+        .execute(db.writer())
+        .await
+        .unwrap();
+    apply(vec![a.clone(), b.clone()]).await;
+    apply(vec![a.clone()]).await;
+
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM deliveries").await, 2);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM deliveries WHERE status = 'DELIVERED'"
+        )
+        .await,
+        2,
+        "a finished delivery is not started again"
+    );
+    assert_eq!(
+        outbox::pending(&db).await.unwrap(),
+        2,
+        "one DeliveryStarted each"
+    );
+}
