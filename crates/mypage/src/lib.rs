@@ -68,75 +68,87 @@ fn from_row(r: &AnyRow) -> Result<Stored, sqlx::Error> {
     })
 }
 
-/// Applies a batch of events (in log order) to their orders' views in
-/// `table` with a fixed number of statements, whatever the batch's size:
-/// create the missing rows, read (and on PostgreSQL lock) every row the
-/// batch touches, fold the events in memory, write back the changed views.
+/// The nullable fields of a view, each joined by keeping the least value
+/// (see [`projection`]).
+const JOINED: [&str; 8] = [
+    "customer_id",
+    "restaurant_id",
+    "items",
+    "cook_id",
+    "delivery_id",
+    "reject_reason",
+    "cancel_reason",
+    "refuse_reason",
+];
+
+/// Applies a batch of events to their orders' views in `table`, one
+/// statement per few hundred orders: the batch's events are folded into one
+/// partial view per order in memory, and the database joins each partial
+/// view into the stored one as it upserts — facts OR-ed, each field the
+/// least of the two values, as [`View::apply`] would. The join is
+/// idempotent, commutative and associative (the projection's property
+/// tests), so joining the fold of a batch equals applying its events to the
+/// stored view one by one; and nothing is read back. On PostgreSQL the
+/// upsert locks each row as it joins it (rows in key order, so replicas
+/// cannot deadlock); a row that would not change is not written, so its
+/// `projected_at` stays when the view last changed.
 async fn project_batch(
-    db: &Db,
     tx: &mut Tx,
     table: &str,
     batch: &[(Envelope, Event)],
 ) -> Result<(), sqlx::Error> {
-    // Sorted, so replicas lock rows in one order and cannot deadlock.
-    let ids: Vec<&str> = batch
-        .iter()
-        .map(|(env, _)| env.order_id.as_str())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut views = std::collections::HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
-        // Make sure the rows exist so they can be locked: two replicas
-        // applying events of one order must not lose each other's update.
-        let values = Params::of(tx).rows_of(chunk.len(), |p| format!("({}, 0, 0, 0)", p.one()));
-        let mut insert = sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {table} (order_id, facts, updated_at, projected_at) VALUES {values} \
-             ON CONFLICT (order_id) DO NOTHING"
-        )));
-        for id in chunk {
-            insert = insert.bind(*id);
-        }
-        insert.execute(&mut **tx).await?;
-        let mut select = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM {table} WHERE order_id IN ({}) ORDER BY order_id{}",
-            Params::of(tx).list(chunk.len()),
-            db.lock_suffix()
-        )));
-        for id in chunk {
-            select = select.bind(*id);
-        }
-        for row in select.fetch_all(&mut **tx).await? {
-            let stored = from_row(&row)?;
-            views.insert(
-                stored.view.order_id.clone(),
-                (stored.view.clone(), stored.view),
-            );
-        }
-    }
+    let mut partial: std::collections::BTreeMap<&str, View> = std::collections::BTreeMap::new();
     let now = restaurant_contract::now_ms();
     for (env, event) in batch {
-        if let Some((view, _)) = views.get_mut(&env.order_id) {
-            view.apply(event, env.occurred_at);
-        }
+        partial
+            .entry(env.order_id.as_str())
+            .or_insert_with(|| View::new(env.order_id.as_str()))
+            .apply(event, env.occurred_at);
         // How far the view trails the event: the CQRS staleness.
         let lag = (now - env.occurred_at).max(0) as f64 / 1000.0;
         metrics::histogram!("mypage_staleness_seconds").record(lag);
     }
-    let changed: Vec<&View> = views
-        .values()
-        .filter(|(view, before)| view != before)
-        .map(|(view, _)| view)
-        .collect();
-    for chunk in changed.chunks(rows_per_statement(tx, 12)) {
+    let views: Vec<&View> = partial.values().collect();
+    // Text compared byte by byte, as Rust compares strings: SQLite's
+    // default; PostgreSQL's default follows the database's locale.
+    let bytewise = if tx.backend_name() == "PostgreSQL" {
+        " COLLATE \"C\""
+    } else {
+        ""
+    };
+    let least = |c: &str| {
+        format!(
+            "(excluded.{c} IS NOT NULL AND ({table}.{c} IS NULL OR excluded.{c}{bytewise} < {table}.{c}))"
+        )
+    };
+    let set = JOINED
+        .iter()
+        .map(|c| {
+            format!(
+                "{c} = CASE WHEN {} THEN excluded.{c} ELSE {table}.{c} END",
+                least(c)
+            )
+        })
+        .chain(std::iter::once(format!(
+            "updated_at = CASE WHEN excluded.updated_at > {table}.updated_at \
+             THEN excluded.updated_at ELSE {table}.updated_at END"
+        )))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let changed = JOINED
+        .iter()
+        .map(|c| least(c))
+        .chain(std::iter::once(format!(
+            "excluded.updated_at > {table}.updated_at"
+        )))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    for chunk in views.chunks(rows_per_statement(tx, 12)) {
         let values = Params::of(tx).rows(chunk.len(), 12);
         let mut upsert = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {table} ({COLUMNS}) VALUES {values} ON CONFLICT (order_id) DO UPDATE SET \
-             customer_id = excluded.customer_id, restaurant_id = excluded.restaurant_id, \
-             items = excluded.items, facts = excluded.facts, cook_id = excluded.cook_id, \
-             delivery_id = excluded.delivery_id, reject_reason = excluded.reject_reason, \
-             cancel_reason = excluded.cancel_reason, refuse_reason = excluded.refuse_reason, \
-             updated_at = excluded.updated_at, projected_at = excluded.projected_at"
+             {set}, facts = {table}.facts | excluded.facts, projected_at = excluded.projected_at \
+             WHERE ({table}.facts | excluded.facts) <> {table}.facts OR {changed}"
         )));
         for view in chunk {
             upsert = upsert
@@ -210,7 +222,7 @@ async fn replay_into(
             })
             .collect();
         let mut tx = db.begin().await?;
-        project_batch(db, &mut tx, table, &items).await?;
+        project_batch(&mut tx, table, &items).await?;
         tx.commit().await?;
         *events += items.len() as u64;
         last = end;
@@ -262,7 +274,7 @@ impl Handler for MyPageEvents {
     const IDEMPOTENT: bool = true;
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
-        project_batch(&self.0, tx, "views", &[(env.clone(), event)]).await?;
+        project_batch(tx, "views", &[(env.clone(), event)]).await?;
         Ok(())
     }
 
@@ -271,7 +283,7 @@ impl Handler for MyPageEvents {
         tx: &mut Tx,
         batch: Vec<(Envelope, Event)>,
     ) -> Result<(), HandleError> {
-        project_batch(&self.0, tx, "views", &batch).await?;
+        project_batch(tx, "views", &batch).await?;
         Ok(())
     }
 }
@@ -372,4 +384,73 @@ pub async fn start(ctx: ServiceContext, listener: TcpListener) -> std::io::Resul
     let mut host = ServiceHost::new(ctx.clone());
     host.consume(Arc::new(MyPageEvents(ctx.db.clone())));
     host.serve(listener, router)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use restaurant_contract::{Cause, Envelope};
+    use restaurant_platform::db::{Db, DbOptions};
+
+    use super::*;
+    use crate::projection::tests::{fold, histories};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The database's join of a batch's partial views into the stored
+        /// ones gives what applying every event to one view in order gives,
+        /// however the events are shuffled, repeated and cut into batches.
+        #[test]
+        fn batches_joined_by_the_database_equal_the_events_folded_in_order(
+            which in 0usize..4,
+            seed in any::<u64>(),
+            dup_mask in any::<u32>(),
+            cut_mask in any::<u32>(),
+        ) {
+            let (events, ..) = histories().swap_remove(which);
+            let timed: Vec<(usize, Event)> = events.into_iter().enumerate().collect();
+            let expected = fold(&timed);
+            let mut shuffled = timed.clone();
+            for (i, e) in timed.iter().enumerate() {
+                if dup_mask & (1 << i) != 0 {
+                    shuffled.push(e.clone());
+                }
+            }
+            let mut s = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            let stored = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let dir = tempfile::tempdir().unwrap();
+                    let url = format!("sqlite://{}", dir.path().join("mypage.db").display());
+                    let opts = DbOptions { fsync: false, ..Default::default() };
+                    let db = Db::connect(&url, &migrations(), opts).await.unwrap();
+                    let mut batch = Vec::new();
+                    for (i, (t, event)) in shuffled.into_iter().enumerate() {
+                        let mut env = Envelope::new("test", "o", &event, &Cause::default());
+                        env.occurred_at = t as i64;
+                        batch.push((env, event));
+                        if cut_mask & (1 << i) != 0 {
+                            let mut tx = db.begin().await.unwrap();
+                            project_batch(&mut tx, "views", &std::mem::take(&mut batch)).await.unwrap();
+                            tx.commit().await.unwrap();
+                        }
+                    }
+                    let mut tx = db.begin().await.unwrap();
+                    project_batch(&mut tx, "views", &batch).await.unwrap();
+                    tx.commit().await.unwrap();
+                    let row = sqlx::query(AssertSqlSafe(format!("SELECT {COLUMNS} FROM views")))
+                        .fetch_one(db.reader())
+                        .await
+                        .unwrap();
+                    from_row(&row).unwrap().view
+                });
+            prop_assert_eq!(stored, expected);
+        }
+    }
 }
