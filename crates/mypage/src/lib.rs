@@ -393,7 +393,7 @@ mod tests {
     use restaurant_platform::db::{Db, DbOptions};
 
     use super::*;
-    use crate::projection::tests::{fold, histories};
+    use crate::projection::tests::{fold, histories, shuffled_with_duplicates};
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
@@ -410,17 +410,7 @@ mod tests {
             let (events, ..) = histories().swap_remove(which);
             let timed: Vec<(usize, Event)> = events.into_iter().enumerate().collect();
             let expected = fold(&timed);
-            let mut shuffled = timed.clone();
-            for (i, e) in timed.iter().enumerate() {
-                if dup_mask & (1 << i) != 0 {
-                    shuffled.push(e.clone());
-                }
-            }
-            let mut s = seed | 1;
-            for i in (1..shuffled.len()).rev() {
-                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-                shuffled.swap(i, (s % (i as u64 + 1)) as usize);
-            }
+            let shuffled = shuffled_with_duplicates(&timed, seed, dup_mask);
             let stored = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

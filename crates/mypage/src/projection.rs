@@ -317,6 +317,30 @@ pub(crate) mod tests {
         ]
     }
 
+    /// `timed` with the events whose bit is set in `dup_mask` delivered
+    /// twice, all shuffled by a small deterministic PRNG seeded by `seed`.
+    pub(crate) fn shuffled_with_duplicates(
+        timed: &[(usize, Event)],
+        seed: u64,
+        dup_mask: u32,
+    ) -> Vec<(usize, Event)> {
+        let mut shuffled = timed.to_vec();
+        for (i, e) in timed.iter().enumerate() {
+            if dup_mask & (1 << i) != 0 {
+                shuffled.push(e.clone());
+            }
+        }
+        // Fisher-Yates with xorshift.
+        let mut s = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        shuffled
+    }
+
     pub(crate) fn fold(events: &[(usize, Event)]) -> View {
         let mut v = View::new("o");
         for (t, e) in events {
@@ -375,18 +399,7 @@ pub(crate) mod tests {
             let timed: Vec<(usize, Event)> = events.into_iter().enumerate().collect();
             let expected = fold(&timed);
 
-            let mut shuffled = timed.clone();
-            for (i, e) in timed.iter().enumerate() {
-                if dup_mask & (1 << i) != 0 {
-                    shuffled.push(e.clone());
-                }
-            }
-            // Fisher-Yates with a small deterministic PRNG from the seed.
-            let mut s = seed | 1;
-            for i in (1..shuffled.len()).rev() {
-                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-                shuffled.swap(i, (s % (i as u64 + 1)) as usize);
-            }
+            let shuffled = shuffled_with_duplicates(&timed, seed, dup_mask);
             prop_assert_eq!(fold(&shuffled), expected);
         }
     }
