@@ -55,7 +55,7 @@ fn start_load(
                     };
                     let res = client
                         .post(format!("{url}/orders"))
-                        .json(&json!({"customerId": CUSTOMER, "restaurantId": r,
+                        .json(&json!({"customerId": load_customer(w), "restaurantId": r,
                                       "items": items, "address": "a"}))
                         .send()
                         .await;
@@ -85,20 +85,39 @@ fn start_load(
     })
 }
 
+/// The customer worker `w` of [`start_load`] orders for: one each, so that
+/// no customer's listing outgrows one page however fast the system is.
+fn load_customer(w: usize) -> String {
+    format!("{CUSTOMER}-{w}")
+}
+
 /// Every order in the system (acknowledged or not) is final, every
 /// acknowledged one is among them, and stock balances against the orders
 /// that were served.
-async fn assert_nothing_lost_nothing_doubled(app: &TestApp, restaurant: &str, acked: &[String]) {
-    let orders = app
-        .wait_until(&format!("/orders?customerId={CUSTOMER}&limit=1000"), |os| {
-            os.as_array()
-                .unwrap()
-                .iter()
-                .all(|o| is_final(o["status"].as_str().unwrap()))
-        })
-        .await;
-    let orders = orders.as_array().unwrap();
-    assert!(orders.len() < 1000, "the listing must hold every order");
+async fn assert_nothing_lost_nothing_doubled(
+    app: &TestApp,
+    restaurant: &str,
+    workers: usize,
+    acked: &[String],
+) {
+    let mut orders = Vec::new();
+    for w in 0..workers {
+        let listing = app
+            .wait_until(
+                &format!("/orders?customerId={}&limit=1000", load_customer(w)),
+                |os| {
+                    os.as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|o| is_final(o["status"].as_str().unwrap()))
+                },
+            )
+            .await;
+        let listing = listing.as_array().unwrap().clone();
+        assert!(listing.len() < 1000, "the listing must hold every order");
+        orders.extend(listing);
+    }
+    let orders = &orders;
     let by_id: HashMap<&str, &Value> = orders
         .iter()
         .map(|o| (o["id"].as_str().unwrap(), o))
@@ -162,7 +181,7 @@ async fn killing_the_system_mid_flow_loses_and_doubles_nothing() {
     app.restart(true).await;
     stop.store(true, Ordering::Relaxed);
     let acked = load.await.unwrap();
-    assert_nothing_lost_nothing_doubled(&app, &r, &acked).await;
+    assert_nothing_lost_nothing_doubled(&app, &r, 8, &acked).await;
     app.stop().await;
 }
 
@@ -221,7 +240,7 @@ async fn kill_dash_nine_of_the_real_process_loses_and_doubles_nothing() {
 
     let (mut child, url) = spawn_binary(dir.path(), &[]).await;
     let app = TestApp::attach(&url);
-    assert_nothing_lost_nothing_doubled(&app, &r, &acked).await;
+    assert_nothing_lost_nothing_doubled(&app, &r, 8, &acked).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 }
@@ -301,7 +320,7 @@ async fn every_service_process_killed_in_turn_under_load_is_restarted_and_nothin
     tokio::time::sleep(Duration::from_millis(400)).await;
     stop.store(true, Ordering::Relaxed);
     let acked = load.await.unwrap();
-    assert_nothing_lost_nothing_doubled(&app, &r, &acked).await;
+    assert_nothing_lost_nothing_doubled(&app, &r, 6, &acked).await;
     // A graceful stop takes every child down with it.
     let pids: Vec<u32> = ["cook", "order", "delivery", "mypage", "gateway"]
         .iter()
@@ -391,7 +410,7 @@ async fn two_replicas_each_on_postgres_and_nats_survive_kill_dash_nine_of_one_re
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let acked = load.await.unwrap();
-    assert_nothing_lost_nothing_doubled(&app, &r, &acked).await;
+    assert_nothing_lost_nothing_doubled(&app, &r, 6, &acked).await;
     let sup = supervisor.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &sup])

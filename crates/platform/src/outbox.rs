@@ -18,6 +18,21 @@ use crate::{
 
 /// Rows moved per relay transaction.
 const RELAY_BATCH: i64 = 512;
+/// How long a woken relay waits for more commits before it moves a batch,
+/// per row its last batch moved, and at most. Under load every batch costs
+/// an append (a commit on the log's one writer, or a publish) and a delete
+/// (a commit on the service's writer), and so does every consumer's batch
+/// downstream: gathering makes them fewer and larger. Measured, embedded
+/// shape, 15 s runs at 64 clients, alternating: no wait 2,217-2,342
+/// completed/s; 5 ms 2,388-2,462; 10 ms 2,550-2,607; 20 ms 2,768-2,863,
+/// MyPage staleness p99 22-24 -> 46-47 ms. Proportional to the last batch,
+/// so that a quiet system (batches of one) waits half a millisecond, not 20.
+const RELAY_GATHER_PER_ROW: Duration = Duration::from_micros(500);
+const RELAY_GATHER_MAX: Duration = Duration::from_millis(20);
+
+fn gather_for(last_batch: usize) -> Duration {
+    (RELAY_GATHER_PER_ROW * last_batch.min(1_000) as u32).min(RELAY_GATHER_MAX)
+}
 /// How long the relay sleeps when nobody wakes it: a safety net for rows
 /// committed by another process (a replica, a CLI) that cannot signal us.
 const RELAY_IDLE_POLL: Duration = Duration::from_millis(250);
@@ -82,9 +97,12 @@ impl OutboxSignal {
 pub async fn run_relay(db: Db, bus: Bus, signal: OutboxSignal, shutdown: Shutdown) {
     let mut failures = 0u32;
     loop {
-        match relay_batch(&db, &bus).await {
+        let last = match relay_batch(&db, &bus).await {
             Ok(n) if n == RELAY_BATCH as usize => continue,
-            Ok(_) => failures = 0,
+            Ok(n) => {
+                failures = 0;
+                n
+            }
             Err(e) => {
                 failures += 1;
                 tracing::warn!(error = %e, failures, "outbox relay failed; will retry");
@@ -95,12 +113,12 @@ pub async fn run_relay(db: Db, bus: Bus, signal: OutboxSignal, shutdown: Shutdow
                 }
                 continue;
             }
-        }
+        };
         if shutdown.is_triggered() {
             return;
         }
         tokio::select! {
-            _ = signal.0.notified() => {}
+            _ = signal.0.notified() => tokio::time::sleep(gather_for(last)).await,
             _ = tokio::time::sleep(RELAY_IDLE_POLL) => {}
             _ = shutdown.wait() => {
                 // One last pass for rows committed just before the signal.
@@ -167,4 +185,18 @@ pub async fn pending(db: &Db) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
         .fetch_one(db.reader())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quiet_relay_hardly_waits_and_a_busy_one_waits_at_most_the_cap() {
+        assert_eq!(gather_for(0), Duration::ZERO);
+        assert_eq!(gather_for(1), Duration::from_micros(500));
+        assert_eq!(gather_for(40), RELAY_GATHER_MAX);
+        assert_eq!(gather_for(RELAY_BATCH as usize), RELAY_GATHER_MAX);
+        assert_eq!(gather_for(usize::MAX), RELAY_GATHER_MAX);
+    }
 }
