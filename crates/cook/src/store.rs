@@ -141,7 +141,8 @@ pub async fn insert_tickets(
         let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!(
             "INSERT INTO cooks ({TICKET_COLUMNS}) VALUES {values} \
              ON CONFLICT (order_id) DO NOTHING RETURNING order_id"
-        )));
+        )))
+        .persistent(false);
         for t in chunk {
             q = q
                 .bind(&t.id)
@@ -299,6 +300,7 @@ pub async fn mark_cooked(
             p.one(),
             p.list(chunk.len())
         )))
+        .persistent(false)
         .bind(now);
         for id in chunk {
             q = q.bind(id);

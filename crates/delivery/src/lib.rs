@@ -138,7 +138,8 @@ async fn start_deliveries(
             "INSERT INTO deliveries (id, order_id, cook_id, address, status, complete_at, \
              created_at, updated_at) VALUES {values} \
              ON CONFLICT (order_id) DO NOTHING RETURNING id, order_id"
-        )));
+        )))
+        .persistent(false);
         let ids: Vec<String> = chunk.iter().map(|_| new_id()).collect();
         for (id, (env, c)) in ids.iter().zip(chunk) {
             q = q
@@ -195,6 +196,7 @@ async fn complete_in(tx: &mut Tx, ids: &[String], cause: &Cause) -> Result<(), s
             p.one(),
             p.list(chunk.len())
         )))
+        .persistent(false)
         .bind(now);
         for id in chunk {
             q = q.bind(id);

@@ -149,7 +149,8 @@ async fn project_batch(
             "INSERT INTO {table} ({COLUMNS}) VALUES {values} ON CONFLICT (order_id) DO UPDATE SET \
              {set}, facts = {table}.facts | excluded.facts, projected_at = excluded.projected_at \
              WHERE ({table}.facts | excluded.facts) <> {table}.facts OR {changed}"
-        )));
+        )))
+        .persistent(false);
         for view in chunk {
             upsert = upsert
                 .bind(&view.order_id)

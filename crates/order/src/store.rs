@@ -52,7 +52,8 @@ async fn write_all(tx: &mut Tx, orders: &[&Order], on_conflict: &str) -> Result<
         let values = Params::of(tx).rows(chunk.len(), 11);
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO orders ({COLUMNS}) VALUES {values}{on_conflict}"
-        )));
+        )))
+        .persistent(false);
         for o in chunk {
             q = q
                 .bind(&o.id)
@@ -90,7 +91,8 @@ pub async fn load_many_for_update(
             "SELECT {COLUMNS} FROM orders WHERE id IN ({}) ORDER BY id{}",
             Params::of(tx).list(chunk.len()),
             db.lock_suffix()
-        )));
+        )))
+        .persistent(false);
         for id in chunk {
             q = q.bind(*id);
         }

@@ -254,7 +254,7 @@ impl EventLog {
                  VALUES {values} ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id"
             );
             let now = now_ms();
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(false);
             for e in chunk {
                 q = q
                     .bind(&e.event_id)

@@ -447,7 +447,7 @@ impl<H: Handler> Consumer<H> {
                 "INSERT INTO processed_events (consumer, event_id, processed_at) VALUES {values} \
                  ON CONFLICT DO NOTHING RETURNING event_id"
             );
-            let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).persistent(false);
             for id in chunk {
                 q = q.bind(&self.name).bind(*id).bind(now);
             }

@@ -328,6 +328,11 @@ pub fn rows_per_statement(tx: &Tx, columns: usize) -> usize {
 /// embedded shape's samples with 240-parameter statements). An anonymous `?`
 /// has no name and is bound by position. Every placeholder of a statement
 /// must come from one `Params` (sqlx cannot mix the two kinds).
+///
+/// The statements built with it differ in text by their row count, so they
+/// are marked `.persistent(false)`: kept in sqlx's per-connection cache they
+/// are rarely used again, and a prepared statement of a few hundred rows
+/// holds hundreds of kilobytes.
 #[derive(Debug)]
 pub struct Params {
     numbered: bool,

@@ -50,7 +50,8 @@ pub async fn append_all(tx: &mut Tx, envs: &[Envelope]) -> Result<(), sqlx::Erro
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO outbox (event_id, order_id, event_type, payload, created_at) \
              VALUES {values}"
-        )));
+        )))
+        .persistent(false);
         for env in chunk {
             q = q
                 .bind(&env.event_id)
@@ -170,7 +171,7 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
         "DELETE FROM outbox WHERE seq IN ({})",
         Params::of(&tx).list(seqs.len())
     );
-    let mut delete = sqlx::query(AssertSqlSafe(sql));
+    let mut delete = sqlx::query(AssertSqlSafe(sql)).persistent(false);
     for seq in &seqs {
         delete = delete.bind(*seq);
     }
