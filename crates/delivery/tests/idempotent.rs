@@ -7,14 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use restaurant_contract::{Cause, CookCompleted, Envelope, Event};
 use restaurant_delivery::{App, DeliveryEvents};
-use restaurant_platform::{
-    bus::{Bus, EventLog},
-    consumer::Handler,
-    db::{Db, DbOptions},
-    outbox,
-    service::ServiceContext,
-    shutdown::Shutdown,
-};
+use restaurant_platform::{consumer::Handler, db::Db, outbox, service::ServiceContext};
 
 fn cooked(order_id: &str) -> (Envelope, Event) {
     let ev = Event::CookCompleted(CookCompleted {
@@ -35,21 +28,10 @@ async fn count(db: &Db, sql: &str) -> i64 {
 #[tokio::test]
 async fn a_cook_completed_applied_again_starts_and_publishes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("delivery.db").display());
-    let db = Db::connect(
-        &url,
-        &restaurant_delivery::migrations(),
-        DbOptions {
-            fsync: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let log = EventLog::open(&dir.path().join("events.db"), false)
+    let ctx = ServiceContext::scratch("delivery", dir.path(), &restaurant_delivery::migrations())
         .await
         .unwrap();
-    let ctx = ServiceContext::new("delivery", db.clone(), Bus::Embedded(log), Shutdown::new());
+    let db = ctx.db.clone();
     let handler = DeliveryEvents(App {
         ctx,
         delivery_time: Some(Duration::ZERO),

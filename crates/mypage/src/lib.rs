@@ -19,7 +19,7 @@ use restaurant_contract::{Envelope, Event, OrderLine};
 use restaurant_platform::{
     bus::Bus,
     consumer::{HandleError, Handler},
-    db::{Db, Migrations, Params, Tx, rows_per_statement},
+    db::{Backend, Db, Migrations, Params, Tx, backend_of, rows_per_statement},
     http::{Json, Path, Problem, Query, required},
     rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -111,10 +111,9 @@ async fn project_batch(
     let views: Vec<&View> = partial.values().collect();
     // Text compared byte by byte, as Rust compares strings: SQLite's
     // default; PostgreSQL's default follows the database's locale.
-    let bytewise = if tx.backend_name() == "PostgreSQL" {
-        " COLLATE \"C\""
-    } else {
-        ""
+    let bytewise = match backend_of(tx) {
+        Backend::Postgres => " COLLATE \"C\"",
+        Backend::Sqlite => "",
     };
     let least = |c: &str| {
         format!(

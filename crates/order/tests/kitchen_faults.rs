@@ -14,10 +14,7 @@ use std::{
 
 use restaurant_platform::{
     breaker::BreakerConfig,
-    bus::{Bus, EventLog},
-    db::{Db, DbOptions},
     service::{RunningService, ServiceContext},
-    shutdown::Shutdown,
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -92,20 +89,9 @@ struct OrderService {
 
 async fn order_service(cook_url: &str) -> OrderService {
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::connect(
-        &format!("sqlite://{}", dir.path().join("order.db").display()),
-        &restaurant_order::migrations(),
-        DbOptions {
-            fsync: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let log = EventLog::open(&dir.path().join("events.db"), false)
+    let ctx = ServiceContext::scratch("order", dir.path(), &restaurant_order::migrations())
         .await
         .unwrap();
-    let ctx = ServiceContext::new("order", db, Bus::Embedded(log), Shutdown::new());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let service = restaurant_order::start(
         ctx,

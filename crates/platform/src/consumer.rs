@@ -386,23 +386,25 @@ impl<H: Handler> Consumer<H> {
         let offered = items.len();
         // Without an offset yet (a new database, or one that recorded event
         // ids before offsets existed) the ids are recorded this once.
-        let offset = match positional {
-            true => self.offset(&mut *tx).await?,
-            false => None,
+        let offset = if positional {
+            self.offset(&mut *tx).await?
+        } else {
+            None
         };
         if let Some(offset) = offset {
             items.retain(|(_, _, position)| *position > offset);
         }
-        let mut fresh = match offset {
-            Some(_) => ids_of(&items),
-            None if H::IDEMPOTENT => ids_of(&items),
-            None => {
-                let ids: Vec<&str> = items
-                    .iter()
-                    .map(|(env, _, _)| env.event_id.as_str())
-                    .collect();
-                self.record_batch(&mut tx, &ids).await?
-            }
+        let mut fresh = if offset.is_some() || H::IDEMPOTENT {
+            items
+                .iter()
+                .map(|(env, _, _)| env.event_id.clone())
+                .collect()
+        } else {
+            let ids: Vec<&str> = items
+                .iter()
+                .map(|(env, _, _)| env.event_id.as_str())
+                .collect();
+            self.record_batch(&mut tx, &ids).await?
         };
         // Keep each new event once (a batch may hold the same id twice).
         items.retain(|(env, _, _)| fresh.remove(&env.event_id));
@@ -513,8 +515,9 @@ impl<H: Handler> Consumer<H> {
         position: Option<i64>,
     ) -> Result<Outcome, HandleError> {
         let mut tx = self.db.begin().await?;
-        // The id is recorded on this path even with an offset: it is also
-        // the path of a parked event's replay, which has no position.
+        // The id is recorded on this path even with an offset (unless the
+        // handler is idempotent): it is also the path of a parked event's
+        // replay, which has no position.
         if !H::IDEMPOTENT && !self.record(&mut tx, env).await? {
             tx.rollback().await?;
             metrics::counter!("consumer_duplicates_total", "consumer" => self.name.clone())
@@ -627,14 +630,6 @@ impl<H: Handler> Consumer<H> {
             .await?;
         Ok(outcome)
     }
-}
-
-/// The event ids of a batch, each once.
-fn ids_of(items: &[(Envelope, Event, i64)]) -> std::collections::HashSet<String> {
-    items
-        .iter()
-        .map(|(env, _, _)| env.event_id.clone())
-        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]

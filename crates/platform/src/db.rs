@@ -311,12 +311,20 @@ const POSTGRES_PARAMS: usize = 1_024;
 /// How many rows of `columns` values one multi-row statement in `tx` should
 /// carry.
 pub fn rows_per_statement(tx: &Tx, columns: usize) -> usize {
-    let params = if tx.backend_name() == "PostgreSQL" {
-        POSTGRES_PARAMS
-    } else {
-        SQLITE_PARAMS
+    let params = match backend_of(tx) {
+        Backend::Postgres => POSTGRES_PARAMS,
+        Backend::Sqlite => SQLITE_PARAMS,
     };
     (params / columns).max(1)
+}
+
+/// The backend `tx` runs on.
+pub fn backend_of(tx: &Tx) -> Backend {
+    if tx.backend_name() == "PostgreSQL" {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
+    }
 }
 
 /// The placeholders of one statement, written in the order their values
@@ -342,16 +350,17 @@ pub struct Params {
 impl Params {
     /// For a statement on `tx`'s connection.
     pub fn of(tx: &Tx) -> Params {
-        Params {
-            numbered: tx.backend_name() == "PostgreSQL",
-            next: 1,
-        }
+        Params::on(backend_of(tx))
     }
 
     /// For a statement on one of `db`'s pools.
     pub fn for_db(db: &Db) -> Params {
+        Params::on(db.backend())
+    }
+
+    fn on(backend: Backend) -> Params {
         Params {
-            numbered: db.backend() == Backend::Postgres,
+            numbered: backend == Backend::Postgres,
             next: 1,
         }
     }
@@ -398,21 +407,15 @@ impl Params {
 
 #[cfg(test)]
 mod tests {
-    use super::Params;
+    use super::{Backend, Params};
 
     #[test]
     fn placeholders_are_numbered_for_postgres_and_anonymous_for_sqlite() {
-        let mut pg = Params {
-            numbered: true,
-            next: 1,
-        };
+        let mut pg = Params::on(Backend::Postgres);
         assert_eq!(pg.one(), "$1");
         assert_eq!(pg.rows(2, 2), "($2, $3), ($4, $5)");
         assert_eq!(pg.list(2), "$6, $7");
-        let mut lite = Params {
-            numbered: false,
-            next: 1,
-        };
+        let mut lite = Params::on(Backend::Sqlite);
         assert_eq!(lite.one(), "?");
         assert_eq!(
             lite.rows_of(2, |p| format!("({}, 0)", p.one())),

@@ -15,7 +15,7 @@ use tokio::{net::TcpListener, sync::Notify, task::JoinSet};
 use crate::{
     bus::Bus,
     consumer::{Consumer, DeadLetter, Handler, Outcome},
-    db::Db,
+    db::{Db, DbOptions, Migrations},
     http::{self, Path, Problem, Readiness},
     outbox::{self, OutboxSignal},
     shutdown::Shutdown,
@@ -33,6 +33,23 @@ pub struct ServiceContext {
 }
 
 impl ServiceContext {
+    /// A service on its own SQLite file and embedded event log in `dir`,
+    /// without fsync: for tests and tools that drive one service alone.
+    pub async fn scratch(
+        name: &'static str,
+        dir: &std::path::Path,
+        migrations: &Migrations,
+    ) -> anyhow::Result<Self> {
+        let url = format!("sqlite://{}", dir.join(format!("{name}.db")).display());
+        let opts = DbOptions {
+            fsync: false,
+            ..Default::default()
+        };
+        let db = Db::connect(&url, migrations, opts).await?;
+        let log = crate::bus::EventLog::open(&dir.join("events.db"), false).await?;
+        Ok(Self::new(name, db, Bus::Embedded(log), Shutdown::new()))
+    }
+
     pub fn new(name: &'static str, db: Db, bus: Bus, shutdown: Shutdown) -> Self {
         // Metrics recorded before the recorder exists are dropped, so make
         // sure it exists before the service does anything worth counting.
