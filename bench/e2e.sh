@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 shape=${1:-embedded}
 duration=${2:-30s}
 concurrency=${3:-64}
-bin=target/release/restaurant
+# BIN=path compares another build (e.g. target/experiment/restaurant).
+bin=${BIN:-target/release/restaurant}
 [ -x "$bin" ] || cargo build --release
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 dir=$(mktemp -d)

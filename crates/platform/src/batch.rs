@@ -36,6 +36,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         let task = async move {
             let mut batch = Vec::with_capacity(max);
             while rx.recv_many(&mut batch, max).await > 0 {
+                metrics::histogram!("group_commit_batch_size").record(batch.len() as f64);
                 let (reqs, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
                 // A panicking batch answers nobody (their callers see `None`)
                 // but must not take the queue down with it.

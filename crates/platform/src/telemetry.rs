@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -27,6 +27,15 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             .set_buckets(&[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ])
+            .expect("static buckets are valid")
+            // Sizes, not seconds: with the latency buckets every batch
+            // above five events fell into +Inf.
+            .set_buckets_for_metric(
+                Matcher::Suffix("_batch_size".into()),
+                &[
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                ],
+            )
             .expect("static buckets are valid")
             .build_recorder();
         let handle = recorder.handle();

@@ -23,6 +23,7 @@ where
     Fut: Future<Output = anyhow::Result<Option<i64>>>,
 {
     while !shutdown.is_triggered() {
+        metrics::counter!("timer_passes_total", "timer" => name).increment(1);
         let sleep = match fire().await {
             Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64).min(MAX_SLEEP),
             Ok(None) => MAX_SLEEP,

@@ -288,22 +288,73 @@ async fn a_poison_event_does_not_block_the_events_behind_it() {
     );
 }
 
-#[tokio::test]
-async fn the_relay_moves_outbox_rows_to_the_log_once() {
-    let f = fixture(0).await;
+/// An event log in the fixture's directory, and the bus over it.
+async fn log_beside(f: &Fixture) -> (EventLog, Bus) {
     let log = EventLog::open(&f.dir_path.join("events.db"), false)
         .await
         .unwrap();
-    let bus = Bus::Embedded(log.clone());
-    let mut tx = f.db.begin().await.unwrap();
-    for _ in 0..3 {
+    (log.clone(), Bus::Embedded(log))
+}
+
+/// Commits `n` new OrderPlaced events to the outbox.
+async fn append_placed(db: &Db, n: usize) {
+    let mut tx = db.begin().await.unwrap();
+    for _ in 0..n {
         outbox::append(&mut tx, &placed("x")).await.unwrap();
     }
     tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_relay_moves_outbox_rows_to_the_log_once() {
+    let f = fixture(0).await;
+    let (log, bus) = log_beside(&f).await;
+    append_placed(&f.db, 3).await;
     assert_eq!(outbox::relay_batch(&f.db, &bus).await.unwrap(), 3);
     assert_eq!(outbox::relay_batch(&f.db, &bus).await.unwrap(), 0);
     assert_eq!(effects(&f.db).await, 0);
     assert_eq!(log.read_from(0, 100).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn the_owned_relay_deletes_in_bulk_and_a_restart_republishes_nothing_twice() {
+    let f = fixture(0).await;
+    let (log, bus) = log_beside(&f).await;
+    append_placed(&f.db, 3).await;
+    let mut relay = outbox::OwnedOutbox::default();
+    assert_eq!(relay.relay(&f.db, &bus).await.unwrap(), 3);
+    assert_eq!(log.read_from(0, 100).await.unwrap().len(), 3);
+    assert_eq!(
+        effects(&f.db).await,
+        3,
+        "published rows wait to be deleted together"
+    );
+
+    // The process dies here: a new relay starts from the outbox as it is
+    // and publishes the three again, which the log keeps once.
+    let mut restarted = outbox::OwnedOutbox::default();
+    assert_eq!(restarted.relay(&f.db, &bus).await.unwrap(), 3);
+    assert_eq!(log.read_from(0, 100).await.unwrap().len(), 3);
+    // Finding nothing new, it deletes what it published.
+    assert_eq!(restarted.relay(&f.db, &bus).await.unwrap(), 0);
+    assert_eq!(effects(&f.db).await, 0);
+
+    append_placed(&f.db, 2).await;
+    restarted.drain(&f.db, &bus).await.unwrap();
+    assert_eq!(effects(&f.db).await, 0, "a drain leaves nothing behind");
+    let ids: Vec<String> = log
+        .read_from(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| Envelope::from_json(d.payload.as_bytes()).unwrap().event_id)
+        .collect();
+    assert_eq!(ids.len(), 5);
+    assert_eq!(
+        ids.iter().collect::<std::collections::HashSet<_>>().len(),
+        5,
+        "no event twice"
+    );
 }
 
 async fn wait_for_effects(db: &Db, n: i64) {
