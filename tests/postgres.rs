@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use restaurant_contract::{Cause, Envelope, Event, OrderLine, OrderPlaced, new_id};
+use restaurant_contract::{Cause, Envelope, Event, OrderLine, OrderPlaced, Reason, new_id};
 use restaurant_platform::{
     bus::{Bus, EventLog},
     consumer::{Consumer, Outcome},
@@ -197,6 +197,36 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
         .await
         .unwrap();
     assert_eq!(records, 0);
+
+    // An event that overtakes its order's placement makes a view without a
+    // customer; the placement, arriving later, fills it in (its own
+    // statement: the upsert leaves the indexed customer alone).
+    let late = placed("late");
+    let rejected = Envelope::new(
+        "cook",
+        &late.order_id,
+        &Event::OrderRejected(Reason {
+            reason: "sold out".into(),
+        }),
+        &Cause::default(),
+    );
+    let customer = || async {
+        sqlx::query_scalar::<_, Option<String>>("SELECT customer_id FROM views WHERE order_id = $1")
+            .bind(&late.order_id)
+            .fetch_one(mypage.reader())
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        consumer.offer(&rejected.to_json(), &stop).await,
+        Some(Outcome::Applied)
+    );
+    assert_eq!(customer().await, None);
+    assert_eq!(
+        consumer.offer(&late.to_json(), &stop).await,
+        Some(Outcome::Applied)
+    );
+    assert_eq!(customer().await.as_deref(), Some("late"));
 
     for db in [&order, &cook, &mypage] {
         db.close().await;
