@@ -15,6 +15,12 @@ pub struct Batcher<Req, Resp> {
     queue: mpsc::Sender<(Req, oneshot::Sender<Resp>)>,
 }
 
+impl<Req, Resp> std::fmt::Debug for Batcher<Req, Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").finish_non_exhaustive()
+    }
+}
+
 impl<Req, Resp> Clone for Batcher<Req, Resp> {
     fn clone(&self) -> Self {
         Batcher {

@@ -14,6 +14,7 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
 
 use crate::{
+    batch::Batcher,
     db::{Db, DbOptions, Params, rows_per_statement},
     tail::{Tail, TailEvent},
 };
@@ -187,59 +188,31 @@ pub struct EventLog {
     /// The newest events, for this process's subscribers (see
     /// [`crate::tail`]); none when other processes append too.
     tail: Option<Arc<std::sync::Mutex<Tail>>>,
-    /// Appends of this process one at a time (the log has one writer
-    /// anyway), so the tail and the head are updated in commit order.
-    appending: Arc<tokio::sync::Mutex<()>>,
+    /// Appends of this process, committed together (see [`Appender`]).
+    appends: Batcher<Vec<OutgoingEvent>, Result<(), String>>,
 }
 
-/// Events the tail keeps: ~0.7 s of the embedded shape's peak rate, far
-/// more than any consumer trails by when it keeps up (~10-100 ms), and a
-/// few MiB.
-const TAIL_EVENTS: usize = 4_096;
+/// Appends at most this many publishers' batches in one transaction.
+const APPENDS_PER_COMMIT: usize = 16;
 
-impl EventLog {
-    /// Opens the log for use by one process.
-    pub async fn open(path: &Path, fsync: bool) -> anyhow::Result<EventLog> {
-        Self::open_with_poll(path, fsync, Duration::from_secs(1), true).await
-    }
+/// The log's group commit: the relays of every service in the process
+/// append through one task, which commits whatever batches wait while the
+/// previous commit runs in one transaction. Tail and head are updated in
+/// commit order, by this one task. Before, each relay waited its turn
+/// behind a mutex for a commit of its own (embedded shape under load: a
+/// publish averaged 14 ms, 4.6 of them waiting for the lock).
+#[derive(Clone)]
+struct Appender {
+    db: Db,
+    last_seq: Arc<watch::Sender<i64>>,
+    tail: Option<Arc<std::sync::Mutex<Tail>>>,
+}
 
-    /// Opens a log that other processes append to as well.
-    pub async fn open_shared(path: &Path, fsync: bool) -> anyhow::Result<EventLog> {
-        Self::open_with_poll(path, fsync, Duration::from_millis(20), false).await
-    }
-
-    async fn open_with_poll(
-        path: &Path,
-        fsync: bool,
-        poll: Duration,
-        tail: bool,
-    ) -> anyhow::Result<EventLog> {
-        let url = format!("sqlite://{}", path.display());
-        let opts = DbOptions {
-            fsync,
-            max_connections: 4,
-        };
-        let db = Db::open(&url, opts).await?;
-        sqlx::migrate!("migrations/eventlog")
-            .run(db.writer())
-            .await?;
-        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
-            .fetch_one(db.reader())
-            .await?;
-        Ok(EventLog {
-            db,
-            last_seq: Arc::new(watch::Sender::new(last)),
-            poll,
-            tail: tail.then(|| Arc::new(std::sync::Mutex::new(Tail::new(last, TAIL_EVENTS)))),
-            appending: Arc::default(),
-        })
-    }
-
+impl Appender {
     async fn append(&self, batch: &[OutgoingEvent]) -> anyhow::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        let _one_at_a_time = self.appending.lock().await;
         let mut tx = self.db.begin().await?;
         let before: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
             .fetch_one(&mut *tx)
@@ -295,6 +268,81 @@ impl EventLog {
             newer
         });
         Ok(())
+    }
+}
+
+/// Events the tail keeps: ~0.7 s of the embedded shape's peak rate, far
+/// more than any consumer trails by when it keeps up (~10-100 ms), and a
+/// few MiB.
+const TAIL_EVENTS: usize = 4_096;
+
+impl EventLog {
+    /// Opens the log for use by one process.
+    pub async fn open(path: &Path, fsync: bool) -> anyhow::Result<EventLog> {
+        Self::open_with_poll(path, fsync, Duration::from_secs(1), true).await
+    }
+
+    /// Opens a log that other processes append to as well.
+    pub async fn open_shared(path: &Path, fsync: bool) -> anyhow::Result<EventLog> {
+        Self::open_with_poll(path, fsync, Duration::from_millis(20), false).await
+    }
+
+    async fn open_with_poll(
+        path: &Path,
+        fsync: bool,
+        poll: Duration,
+        tail: bool,
+    ) -> anyhow::Result<EventLog> {
+        let url = format!("sqlite://{}", path.display());
+        let opts = DbOptions {
+            fsync,
+            max_connections: 4,
+        };
+        let db = Db::open(&url, opts).await?;
+        sqlx::migrate!("migrations/eventlog")
+            .run(db.writer())
+            .await?;
+        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
+            .fetch_one(db.reader())
+            .await?;
+        let appender = Appender {
+            db: db.clone(),
+            last_seq: Arc::new(watch::Sender::new(last)),
+            tail: tail.then(|| Arc::new(std::sync::Mutex::new(Tail::new(last, TAIL_EVENTS)))),
+        };
+        let group = appender.clone();
+        let (appends, task) = Batcher::new(
+            APPENDS_PER_COMMIT,
+            move |batches: Vec<Vec<OutgoingEvent>>| {
+                let group = group.clone();
+                async move {
+                    let n = batches.len();
+                    let all: Vec<OutgoingEvent> = batches.into_iter().flatten().collect();
+                    let result = group.append(&all).await.map_err(|e| format!("{e:#}"));
+                    vec![result; n]
+                }
+            },
+        );
+        tokio::spawn(task);
+        Ok(EventLog {
+            db,
+            last_seq: appender.last_seq,
+            poll,
+            tail: appender.tail,
+            appends,
+        })
+    }
+
+    async fn append(&self, batch: &[OutgoingEvent]) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match self.appends.submit(batch.to_vec()).await {
+            Some(result) => result.map_err(anyhow::Error::msg),
+            None => anyhow::bail!(
+                "the append was not answered (its batch panicked, or the log is closing)"
+            ),
+        }
     }
 
     async fn subscribe(
