@@ -174,30 +174,34 @@ pub type Placer = Batcher<Placement, Result<Placed, String>>;
 const PLACE_BATCH: usize = 256;
 
 pub fn placer(db: Db, outbox: OutboxSignal) -> (Placer, impl Future<Output = ()> + Send + 'static) {
-    Batcher::new(PLACE_BATCH, move |reqs: Vec<Placement>| {
-        let (db, outbox) = (db.clone(), outbox.clone());
-        async move {
-            let answers = match place_all(&db, &reqs).await {
-                Ok(placed) => placed.into_iter().map(Ok).collect(),
-                // One bad placement must not fail its neighbours: retry
-                // each alone so only the one at fault gets the error.
-                Err(e) if reqs.len() > 1 => {
-                    tracing::warn!(error = %e, n = reqs.len(), "placement batch failed; one by one");
-                    let mut answers = Vec::with_capacity(reqs.len());
-                    for r in &reqs {
-                        answers.push(match place_all(&db, std::slice::from_ref(r)).await {
-                            Ok(mut placed) => Ok(placed.remove(0)),
-                            Err(e) => Err(e.to_string()),
-                        });
+    Batcher::new(
+        "order_placement",
+        PLACE_BATCH,
+        move |reqs: Vec<Placement>| {
+            let (db, outbox) = (db.clone(), outbox.clone());
+            async move {
+                let answers = match place_all(&db, &reqs).await {
+                    Ok(placed) => placed.into_iter().map(Ok).collect(),
+                    // One bad placement must not fail its neighbours: retry
+                    // each alone so only the one at fault gets the error.
+                    Err(e) if reqs.len() > 1 => {
+                        tracing::warn!(error = %e, n = reqs.len(), "placement batch failed; one by one");
+                        let mut answers = Vec::with_capacity(reqs.len());
+                        for r in &reqs {
+                            answers.push(match place_all(&db, std::slice::from_ref(r)).await {
+                                Ok(mut placed) => Ok(placed.remove(0)),
+                                Err(e) => Err(e.to_string()),
+                            });
+                        }
+                        answers
                     }
-                    answers
-                }
-                Err(e) => vec![Err(e.to_string())],
-            };
-            outbox.notify();
-            answers
-        }
-    })
+                    Err(e) => vec![Err(e.to_string())],
+                };
+                outbox.notify();
+                answers
+            }
+        },
+    )
 }
 
 /// Places a batch in one transaction: claims each Idempotency-Key, then

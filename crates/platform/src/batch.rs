@@ -32,8 +32,13 @@ impl<Req, Resp> Clone for Batcher<Req, Resp> {
 impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// A batcher that hands up to `max` queued requests at a time to `apply`,
     /// which answers each, in order. The returned task runs the batches; it
-    /// ends when every `Batcher` clone is gone.
-    pub fn new<F, Fut>(max: usize, apply: F) -> (Self, impl Future<Output = ()> + Send + 'static)
+    /// ends when every `Batcher` clone is gone. `name` labels its metric
+    /// (`group_commit_batch_size{batcher}`).
+    pub fn new<F, Fut>(
+        name: &'static str,
+        max: usize,
+        apply: F,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static)
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Resp>> + Send,
@@ -42,7 +47,8 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         let task = async move {
             let mut batch = Vec::with_capacity(max);
             while rx.recv_many(&mut batch, max).await > 0 {
-                metrics::histogram!("group_commit_batch_size").record(batch.len() as f64);
+                metrics::histogram!("group_commit_batch_size", "batcher" => name)
+                    .record(batch.len() as f64);
                 let (reqs, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
                 // A panicking batch answers nobody (their callers see `None`)
                 // but must not take the queue down with it.
@@ -83,7 +89,7 @@ mod tests {
     async fn concurrent_requests_share_batches_and_each_gets_its_own_answer() {
         let batches = Arc::new(AtomicUsize::new(0));
         let seen = batches.clone();
-        let (b, task) = Batcher::new(64, move |reqs: Vec<u32>| {
+        let (b, task) = Batcher::new("test", 64, move |reqs: Vec<u32>| {
             let seen = seen.clone();
             async move {
                 seen.fetch_add(1, Ordering::Relaxed);
@@ -106,7 +112,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_batch_fails_its_requests_and_the_queue_goes_on() {
-        let (b, task) = Batcher::new(1, |reqs: Vec<u32>| async move {
+        let (b, task) = Batcher::new("test", 1, |reqs: Vec<u32>| async move {
             assert!(reqs[0] != 13, "unlucky");
             reqs
         });

@@ -312,6 +312,7 @@ impl EventLog {
         };
         let group = appender.clone();
         let (appends, task) = Batcher::new(
+            "eventlog_append",
             APPENDS_PER_COMMIT,
             move |batches: Vec<Vec<OutgoingEvent>>| {
                 let group = group.clone();
