@@ -26,13 +26,15 @@ const RELAY_BATCH: i64 = 512;
 /// shape, 15 s runs at 64 clients, alternating: no wait 2,217-2,342
 /// completed/s; 5 ms 2,388-2,462; 10 ms 2,550-2,607; 20 ms 2,768-2,863,
 /// MyPage staleness p99 22-24 -> 46-47 ms. Since SQLite relays delete in
-/// bulk, a batch costs only its append, and 10 ms is as fast as 20 with
-/// less staleness (20 s alternating runs on a slower machine: 20 ms
-/// 1,460-1,645/s, staleness p50 51-55 ms; 10 ms 1,443-1,627/s, 43-47 ms).
-/// Proportional to the last batch, so that a quiet system (batches of one)
-/// waits half a millisecond, not 10.
+/// bulk and the log group-commits appends, a batch costs little, and the
+/// shorter wait is as fast with less staleness (20 s alternating runs on a
+/// slower machine: 20 ms 1,460-1,645/s, staleness p50 51-55 ms; 10 ms
+/// 1,443-1,627/s, 43-47 ms; in the runs without hypervisor steal, 10 ms
+/// 1,482-1,569/s, p50/p99 41-45/88-92 ms, 5 ms 1,597-1,613/s,
+/// 37-38/73-85 ms). Proportional to the last batch, so that a quiet
+/// system (batches of one) waits half a millisecond, not 5.
 const RELAY_GATHER_PER_ROW: Duration = Duration::from_micros(500);
-const RELAY_GATHER_MAX: Duration = Duration::from_millis(10);
+const RELAY_GATHER_MAX: Duration = Duration::from_millis(5);
 
 fn gather_for(last_batch: usize) -> Duration {
     (RELAY_GATHER_PER_ROW * last_batch.min(1_000) as u32).min(RELAY_GATHER_MAX)
