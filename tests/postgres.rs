@@ -176,7 +176,7 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     let consumer = Consumer::new(
         "mypage",
         mypage.clone(),
-        Arc::new(restaurant_mypage::MyPageEvents(mypage.clone())),
+        Arc::new(restaurant_mypage::MyPageEvents),
         OutboxSignal::default(),
     );
     let env = placed("c").to_json();

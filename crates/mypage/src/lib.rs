@@ -308,7 +308,9 @@ async fn rebuild_endpoint(State(s): State<(Db, Bus)>) -> Result<Json<Rebuilt>, P
     Ok(Json(rebuild(&s.0, &s.1).await?))
 }
 
-pub struct MyPageEvents(pub Db);
+/// MyPage's consumer. It needs nothing of its own: every batch is applied
+/// in the transaction the consumer hands it.
+pub struct MyPageEvents;
 
 impl Handler for MyPageEvents {
     const TYPES: &'static [&'static str] = Event::TYPES;
@@ -425,7 +427,7 @@ pub async fn start(ctx: ServiceContext, listener: TcpListener) -> std::io::Resul
                 .with_state((ctx.db.clone(), ctx.bus.clone())),
         );
     let mut host = ServiceHost::new(ctx.clone());
-    host.consume(Arc::new(MyPageEvents(ctx.db.clone())));
+    host.consume(Arc::new(MyPageEvents));
     host.serve(listener, router)
 }
 

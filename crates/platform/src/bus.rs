@@ -209,10 +209,8 @@ struct Appender {
 }
 
 impl Appender {
+    /// Appends `batch` (never empty: [`EventLog::append`] sends none).
     async fn append(&self, batch: &[OutgoingEvent]) -> anyhow::Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
         let mut tx = self.db.begin().await?;
         let before: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
             .fetch_one(&mut *tx)
