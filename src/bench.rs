@@ -8,6 +8,15 @@
 //! order's `createdAt`, the view's `updatedAt` and `projectedAt`, all taken
 //! on this machine's clock), so they do not depend on how often the bench
 //! polls. Placement latency is the client's round trip.
+//!
+//! Two ways to load: closed loop (default) — every client places its next
+//! order as soon as the last is answered, so the system runs flat out and
+//! placement latency is mostly queueing (by Little's law, about clients ÷
+//! rate); open loop (`rate`) — orders are due at a fixed rate whatever the
+//! system does, and placement latency counts from when each was due, not
+//! from when a free client got to send it. A stalled system then shows its
+//! stall in every order that waited behind it (no coordinated omission, as
+//! in wrk2), so "p99 at 3,000 orders/s" means what it says.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,6 +38,10 @@ pub struct BenchArgs {
     pub duration: Duration,
     pub concurrency: usize,
     pub max_orders: u64,
+    /// Offered orders per second (open loop); `None` places as fast as the
+    /// clients are answered (closed loop). The clients then bound how many
+    /// placements are in flight at once.
+    pub rate: Option<f64>,
     /// How long to wait, after placing stops, for orders to finish.
     pub drain: Duration,
     pub progress: bool,
@@ -54,6 +67,8 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub duration_secs: f64,
     pub concurrency: usize,
+    /// The open-loop rate, or `None` for a closed-loop run.
+    pub offered_per_sec: Option<f64>,
 }
 
 /// Microsecond histograms up to an hour, 3 significant digits.
@@ -142,6 +157,12 @@ fn error_kind(e: &reqwest::Error) -> &'static str {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     check_loopback(&args.url)?;
+    if let Some(r) = args.rate {
+        anyhow::ensure!(
+            r.is_finite() && r > 0.0,
+            "the rate must be a positive number of orders per second, not {r}"
+        );
+    }
     let url = args.url.trim_end_matches('/').to_owned();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -168,6 +189,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let deadline = started + args.duration;
     let placing = Arc::new(AtomicBool::new(true));
     let budget = Arc::new(AtomicU64::new(args.max_orders));
+    let schedule = args.rate.map(|per_sec| Schedule {
+        start: started,
+        per_sec,
+        next: Arc::new(AtomicU64::new(0)),
+    });
 
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
@@ -179,6 +205,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
             budget.clone(),
         );
         let run_id = run_id.clone();
+        let schedule = schedule.clone();
         workers.push(tokio::spawn(async move {
             let mut place = histogram();
             let mut n = 0u64;
@@ -187,6 +214,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
                     .is_ok()
             {
+                let due = match &schedule {
+                    Some(s) => match s.take(deadline) {
+                        Some(due) => {
+                            tokio::time::sleep_until(due.into()).await;
+                            due
+                        }
+                        None => break,
+                    },
+                    None => Instant::now(),
+                };
                 // A new customer every 20 orders keeps each MyPage listing
                 // the follower reads short. The follower is the instrument,
                 // not the load: with 200 orders per customer its listings
@@ -200,7 +237,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                     "items": [{"menuId": "bibimbap", "qty": 1}, {"menuId": "bulgogi", "qty": 1}],
                     "address": "1 Jongno, Seoul"
                 });
-                let t = Instant::now();
                 match client
                     .post(format!("{url}/orders"))
                     .json(&body)
@@ -215,7 +251,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                                 continue;
                             }
                         };
-                        let _ = place.record(t.elapsed().as_micros().max(1) as u64);
+                        let _ = place.record(due.elapsed().as_micros().max(1) as u64);
                         shared.placed.fetch_add(1, Ordering::Relaxed);
                         let id = v["id"].as_str().unwrap_or_default().to_owned();
                         let created_at = v["createdAt"].as_str().and_then(parse_ms).unwrap_or(0);
@@ -317,7 +353,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         errors,
         duration_secs: (placed_for.as_secs_f64() * 100.0).round() / 100.0,
         concurrency: args.concurrency,
+        offered_per_sec: args.rate,
     })
+}
+
+/// The open-loop timetable: order `i` is due `i / per_sec` after the start.
+#[derive(Clone)]
+struct Schedule {
+    start: Instant,
+    per_sec: f64,
+    next: Arc<AtomicU64>,
+}
+
+impl Schedule {
+    /// Claims the next order's due time, or `None` once it falls past the
+    /// deadline. A due time already past is returned as it is: the order is
+    /// late because every client was busy, and its latency says so. (Tokio's
+    /// timer wakes on millisecond ticks, so an order may also leave up to a
+    /// millisecond after it was due; that too counts against the system,
+    /// which overstates latency slightly, never understates it.)
+    fn take(&self, deadline: Instant) -> Option<Instant> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let due = self.start + Duration::from_nanos((i as f64 * 1e9 / self.per_sec).round() as u64);
+        (due < deadline).then_some(due)
+    }
 }
 
 fn progress_bar(show: bool) -> indicatif::ProgressBar {
@@ -427,7 +486,7 @@ impl Report {
              placed→delivered ms:    p50 {:.2}  p99 {:.2}\n\
              MyPage staleness ms:    p50 {:.2}  p99 {:.2}\n\
              errors:                 {errors}\n\
-             ({} clients for {:.1} s)",
+             ({} clients for {:.1} s, {})",
             self.orders_placed,
             self.orders_completed,
             self.completed_per_sec,
@@ -438,6 +497,10 @@ impl Report {
             self.mypage_lag_ms.p99,
             self.concurrency,
             self.duration_secs,
+            match self.offered_per_sec {
+                Some(r) => format!("open loop at {r} orders/s; placement latency from each order's due time"),
+                None => "closed loop".to_owned(),
+            },
         )
     }
 }
@@ -476,6 +539,26 @@ mod tests {
         assert!((p.p50 - 5.0).abs() < 0.05, "{p:?}");
         assert!((p.max - 10.0).abs() < 0.05, "{p:?}");
         assert_eq!(percentiles_ms(&histogram()).max, 0.0);
+    }
+
+    #[test]
+    fn an_open_loop_schedule_is_due_at_its_rate_and_ends_at_the_deadline() {
+        let start = Instant::now();
+        let s = Schedule {
+            start,
+            per_sec: 1_000.0,
+            next: Arc::new(AtomicU64::new(0)),
+        };
+        let deadline = start + Duration::from_millis(10);
+        let due: Vec<Duration> = std::iter::from_fn(|| s.take(deadline))
+            .map(|d| d - start)
+            .collect();
+        assert_eq!(due.len(), 10, "{due:?}");
+        for (i, d) in due.iter().enumerate() {
+            assert_eq!(*d, Duration::from_millis(i as u64));
+        }
+        // Exhausted for every client, not only the one that saw the end.
+        assert_eq!(s.take(deadline), None);
     }
 
     #[test]

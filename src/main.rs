@@ -161,6 +161,12 @@ enum Command {
         /// Stop placing after this many orders even if time is left.
         #[arg(long, default_value_t = 10_000_000)]
         max_orders: u64,
+        /// Offer this many orders per second whatever the system does (open
+        /// loop), with `--concurrency` placements in flight at most, and
+        /// measure placement latency from when each order was due. Without
+        /// it every client places its next order when the last is answered.
+        #[arg(long)]
+        rate: Option<f64>,
         /// Write the report as JSON here too.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -356,6 +362,7 @@ async fn run() -> anyhow::Result<()> {
             duration,
             concurrency,
             max_orders,
+            rate,
             json,
         } => {
             let report = restaurant::bench::run(restaurant::bench::BenchArgs {
@@ -363,6 +370,7 @@ async fn run() -> anyhow::Result<()> {
                 duration: duration.0.unwrap_or(Duration::from_secs(30)),
                 concurrency: concurrency.max(1),
                 max_orders,
+                rate,
                 drain: Duration::from_secs(30),
                 progress: true,
             })

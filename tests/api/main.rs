@@ -3,6 +3,7 @@
 //! data directory, so tests run in parallel without sharing anything.
 
 mod bad_input;
+mod bench;
 mod cancel;
 mod crash;
 mod faults;

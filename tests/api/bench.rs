@@ -1,0 +1,88 @@
+//! The load generator against the real system: what it reports must be what
+//! happened, in both its ways of loading.
+
+use std::time::Duration;
+
+use restaurant::bench::{BenchArgs, Report, run};
+
+use crate::helpers::TestApp;
+
+async fn automatic_system() -> TestApp {
+    TestApp::spawn_with(|c| {
+        c.cook_time = Some(Duration::ZERO);
+        c.delivery_time = Some(Duration::ZERO);
+    })
+    .await
+}
+
+fn args(app: &TestApp, rate: Option<f64>) -> BenchArgs {
+    BenchArgs {
+        url: app.url.clone(),
+        duration: Duration::from_secs(2),
+        concurrency: 8,
+        max_orders: 10_000_000,
+        rate,
+        drain: Duration::from_secs(30),
+        progress: false,
+    }
+}
+
+fn assert_consistent(r: &Report) {
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert!(r.orders_placed > 0, "{r:?}");
+    assert_eq!(r.orders_completed, r.orders_placed, "every order followed to DELIVERED: {r:?}");
+    for p in [&r.place_latency_ms, &r.end_to_end_latency_ms, &r.mypage_lag_ms] {
+        assert!(p.p50 <= p.p95 && p.p95 <= p.p99 && p.p99 <= p.max, "{r:?}");
+    }
+    assert!(r.place_latency_ms.p50 > 0.0, "{r:?}");
+    assert!(r.completed_per_sec > 0.0, "{r:?}");
+}
+
+#[tokio::test]
+async fn a_closed_loop_bench_follows_every_order_it_placed_to_delivered() {
+    let app = automatic_system().await;
+    let mut a = args(&app, None);
+    a.max_orders = 150;
+    let report = run(a).await.unwrap();
+    assert_consistent(&report);
+    assert_eq!(report.orders_placed, 150, "the order budget bounds the run");
+    assert_eq!(report.offered_per_sec, None);
+    let json = serde_json::to_value(&report).unwrap();
+    for key in [
+        "ordersPlaced",
+        "ordersCompleted",
+        "completedPerSec",
+        "placeLatencyMs",
+        "endToEndLatencyMs",
+        "mypageLagMs",
+        "errors",
+    ] {
+        assert!(json.get(key).is_some(), "{key} missing from {json}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_loop_bench_offers_its_rate_and_no_more() {
+    let app = automatic_system().await;
+    let report = run(args(&app, Some(100.0))).await.unwrap();
+    assert_consistent(&report);
+    // 2 s at 100/s: 200 orders due. A slow machine may leave the last few
+    // unclaimed at the deadline, never place more.
+    assert!(
+        (150..=200).contains(&report.orders_placed),
+        "{report:?}"
+    );
+    assert_eq!(report.offered_per_sec, Some(100.0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_rate_that_is_not_a_positive_number_is_refused() {
+    let app = automatic_system().await;
+    for rate in [0.0, -5.0, f64::NAN] {
+        let err = run(args(&app, Some(rate))).await.unwrap_err();
+        assert!(err.to_string().contains("positive"), "{err}");
+    }
+    app.stop().await;
+}
