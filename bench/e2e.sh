@@ -73,6 +73,6 @@ PY
     sleep 0.5
   done ) &
 "$bin" bench --url "http://127.0.0.1:$port" --duration "$duration" --concurrency "$concurrency" \
-  --json "$dir/report.json" 2>/dev/null
+  --json "$dir/report.json" ${BENCH_ARGS:-} 2>/dev/null
 echo "peak RSS per process (MiB):$(awk '{printf " %s %.1f", $1, $2/1024}' "$dir/rss" 2>/dev/null)"
 echo "shape: $shape, $(nproc) cores, duration $duration, concurrency $concurrency"

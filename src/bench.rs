@@ -498,7 +498,9 @@ impl Report {
             self.concurrency,
             self.duration_secs,
             match self.offered_per_sec {
-                Some(r) => format!("open loop at {r} orders/s; placement latency from each order's due time"),
+                Some(r) => format!(
+                    "open loop at {r} orders/s; placement latency from each order's due time"
+                ),
                 None => "closed loop".to_owned(),
             },
         )

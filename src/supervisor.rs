@@ -166,14 +166,17 @@ fn terminate(pid: u32) {
         .status();
 }
 
-/// glibc's allocator for the service processes: one arena. By default
-/// every thread that meets contention gets an arena of its own and keeps
-/// what it freed; measured under load (`bench/e2e.sh distributed 20s 64`,
-/// alternating runs), one arena took 4 MiB off the largest processes'
-/// peak RSS (order 27.9-28.9 -> 23.2-24.2, mypage 27.0-27.5 -> 23.4-23.7
-/// MiB) at the same throughput (1,274-1,368 vs 1,307-1,435 completed/s).
-/// A `GLIBC_TUNABLES` already in the environment is passed on instead.
-pub const SERVICE_MALLOC: &str = "glibc.malloc.arena_max=1";
+/// The allocator's setting for the service processes: mimalloc (see
+/// `main.rs`) returns freed pages to the OS at once instead of after 10 ms.
+/// Each service process is held to 30 MB of resident memory, and with the
+/// delay their peaks were order 32.7, mypage 30.1 MiB; without it 26.7 and
+/// 25.5 (`bench/e2e.sh distributed 20s 64`), about what they were under
+/// glibc's malloc (26.2, 25.1). The one-process embedded shape keeps the
+/// delay (3,590 vs 3,451 completed/s in 20 s runs). A value already in the
+/// environment is passed on instead. (This replaces glibc's
+/// `arena_max=1`, which stopped mattering when Rust's allocations left
+/// glibc's malloc.)
+pub const SERVICE_ALLOCATOR: (&str, &str) = ("MIMALLOC_PURGE_DELAY", "0");
 
 /// Runs one child until shutdown, starting it again whenever it exits.
 async fn supervise(sup: Arc<Supervised>, spec: ChildSpec, shutdown: Shutdown) {
@@ -181,8 +184,9 @@ async fn supervise(sup: Arc<Supervised>, spec: ChildSpec, shutdown: Shutdown) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut command = Command::new(&sup.exe);
-        if std::env::var_os("GLIBC_TUNABLES").is_none() {
-            command.env("GLIBC_TUNABLES", SERVICE_MALLOC);
+        let (key, value) = SERVICE_ALLOCATOR;
+        if std::env::var_os(key).is_none() {
+            command.env(key, value);
         }
         let mut child = match command
             .args(&spec.args)

@@ -30,8 +30,15 @@ fn args(app: &TestApp, rate: Option<f64>) -> BenchArgs {
 fn assert_consistent(r: &Report) {
     assert!(r.errors.is_empty(), "{r:?}");
     assert!(r.orders_placed > 0, "{r:?}");
-    assert_eq!(r.orders_completed, r.orders_placed, "every order followed to DELIVERED: {r:?}");
-    for p in [&r.place_latency_ms, &r.end_to_end_latency_ms, &r.mypage_lag_ms] {
+    assert_eq!(
+        r.orders_completed, r.orders_placed,
+        "every order followed to DELIVERED: {r:?}"
+    );
+    for p in [
+        &r.place_latency_ms,
+        &r.end_to_end_latency_ms,
+        &r.mypage_lag_ms,
+    ] {
         assert!(p.p50 <= p.p95 && p.p95 <= p.p99 && p.p99 <= p.max, "{r:?}");
     }
     assert!(r.place_latency_ms.p50 > 0.0, "{r:?}");
@@ -69,10 +76,7 @@ async fn an_open_loop_bench_offers_its_rate_and_no_more() {
     assert_consistent(&report);
     // 2 s at 100/s: 200 orders due. A slow machine may leave the last few
     // unclaimed at the deadline, never place more.
-    assert!(
-        (150..=200).contains(&report.orders_placed),
-        "{report:?}"
-    );
+    assert!((150..=200).contains(&report.orders_placed), "{report:?}");
     assert_eq!(report.offered_per_sec, Some(100.0));
     app.stop().await;
 }
