@@ -5,27 +5,26 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-
-/// mimalloc instead of glibc's malloc. Under load glibc's allocator took
-/// ~17% of the embedded process's CPU (malloc_consolidate, _int_malloc,
-/// _int_free; many small allocations freed from other threads); with
-/// mimalloc, alternating 20 s runs of `restaurant bench` at 64 clients went
-/// from 2,842-2,921 to 3,616-3,648 completed orders/s and from 0.54 to 0.44
-/// ms of CPU per order. Version 2 without transparent huge pages: version 3,
-/// and either version with huge pages, put the service processes of the
-/// distributed shape far over their 30 MB (mypage 84.8 MiB with v3's
-/// defaults); v2 with the setting the supervisor gives its children keeps
-/// them where glibc had them (supervisor.rs, SERVICE_ALLOCATOR). SQLite
-/// still allocates with libc's malloc.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::{Args, Parser, Subcommand};
 use restaurant::{Launcher, System, Timer, UpConfig};
 use restaurant_platform::{
     bus::{Bus, EventLog},
     shutdown::Shutdown,
 };
+
+/// mimalloc instead of glibc's malloc. Under load glibc's allocator took
+/// 17-24% of the embedded process's profile samples (malloc_consolidate,
+/// _int_malloc, _int_free, called from every layer); with mimalloc,
+/// alternating 20 s runs of `restaurant bench` at 64 clients went from
+/// 2,842-2,921 to 3,616-3,648 completed orders/s and from 0.54 to 0.44 ms
+/// of CPU per order. Version 2 without transparent huge pages: version 3,
+/// and either version with huge pages, put the service processes of the
+/// distributed shape far over their 30 MB (mypage 84.8 MiB with v3's
+/// defaults); v2 with the setting the supervisor gives its children keeps
+/// them near where glibc had them (supervisor.rs, SERVICE_ALLOCATOR).
+/// SQLite still allocates with libc's malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

@@ -170,12 +170,13 @@ fn terminate(pid: u32) {
 /// `main.rs`) returns freed pages to the OS at once instead of after 10 ms.
 /// Each service process is held to 30 MB of resident memory, and with the
 /// delay their peaks were order 32.7, mypage 30.1 MiB; without it 26.7 and
-/// 25.5 (`bench/e2e.sh distributed 20s 64`), about what they were under
-/// glibc's malloc (26.2, 25.1). The one-process embedded shape keeps the
-/// delay (3,590 vs 3,451 completed/s in 20 s runs). A value already in the
-/// environment is passed on instead. (This replaces glibc's
-/// `arena_max=1`, which stopped mattering when Rust's allocations left
-/// glibc's malloc.)
+/// 25.5 (`bench/e2e.sh distributed 20s 64`); glibc's malloc had 26.2 and
+/// 25.1 in that run, and 23.2 and 23.3 in a 30 s run of the release build,
+/// where mimalloc peaks at 26.9-27.4 MiB (the 30 MB line is 28.6 MiB).
+/// The one-process embedded shape keeps the delay (3,590 vs 3,451
+/// completed/s in 20 s runs). A value already in the environment is passed
+/// on instead. (This replaces glibc's `arena_max=1`, which stopped
+/// mattering when Rust's allocations left glibc's malloc.)
 pub const SERVICE_ALLOCATOR: (&str, &str) = ("MIMALLOC_PURGE_DELAY", "0");
 
 /// Runs one child until shutdown, starting it again whenever it exits.

@@ -49,6 +49,8 @@ fn assert_consistent(r: &Report) {
 async fn a_closed_loop_bench_follows_every_order_it_placed_to_delivered() {
     let app = automatic_system().await;
     let mut a = args(&app, None);
+    // The budget ends the run, not the clock (ample on a slow machine).
+    a.duration = Duration::from_secs(30);
     a.max_orders = 150;
     let report = run(a).await.unwrap();
     assert_consistent(&report);
