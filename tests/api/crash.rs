@@ -352,6 +352,18 @@ async fn children_of_a_killed_supervisor_stop_by_themselves() {
         .iter()
         .map(|n| pid_of(dir.path(), n).unwrap())
         .collect();
+    // Each child got the allocator setting that keeps it under 30 MB.
+    let (key, value) = restaurant::supervisor::SERVICE_ALLOCATOR;
+    let expected = format!("{key}={}", std::env::var(key).as_deref().unwrap_or(value));
+    for pid in &pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(
+            environ
+                .split(|b| *b == 0)
+                .any(|kv| kv == expected.as_bytes()),
+            "child {pid} lacks {expected}"
+        );
+    }
     supervisor.start_kill().unwrap(); // SIGKILL: no chance to stop them
     supervisor.wait().await.unwrap();
     let deadline = tokio::time::Instant::now() + PATIENCE;
