@@ -27,6 +27,9 @@ use sqlx::migrate::Migrator;
 struct Recorder {
     /// Fail this many more attempts (transiently) before succeeding.
     failures_left: AtomicU32,
+    /// Events of customer "flaky" fail transiently the first time each is
+    /// handled: the batch holding one falls back to one event at a time.
+    flaky_seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Handler for Recorder {
@@ -38,6 +41,10 @@ impl Handler for Recorder {
         };
         if p.customer_id == "poison" {
             return Err(HandleError::Permanent("poisoned on purpose".into()));
+        }
+        if p.customer_id == "flaky" && self.flaky_seen.lock().unwrap().insert(env.event_id.clone())
+        {
+            return Err(HandleError::Transient(anyhow::anyhow!("flaky on purpose")));
         }
         if self
             .failures_left
@@ -79,6 +86,7 @@ async fn fixture(failures: u32) -> Fixture {
     .unwrap();
     let handler = Arc::new(Recorder {
         failures_left: AtomicU32::new(failures),
+        ..Default::default()
     });
     let consumer = Consumer::new("test", db.clone(), handler, OutboxSignal::default()).with_retry(
         RetryPolicy {
@@ -485,4 +493,52 @@ async fn a_redelivered_batch_has_one_effect_per_event() {
         offset, 61,
         "the offset is the log position of the last event"
     );
+}
+
+/// The offset a consumer keeps in memory between batches must never be
+/// older than the table's: a batch applied whole, then a batch that fails
+/// once and is applied one event at a time (moving the offset event by
+/// event), then the whole log handed out again as after a lost log
+/// position. Every event still has one effect.
+#[tokio::test]
+async fn the_offset_kept_between_batches_follows_the_one_by_one_path() {
+    let f = fixture(0).await;
+    let path = f.dir_path.join("events.db");
+    let log = EventLog::open(&path, false).await.unwrap();
+    let bus = Bus::Embedded(log.clone());
+    let whole: Vec<_> = (0..10)
+        .map(|i| outgoing(&placed(&format!("a{i}"))))
+        .collect();
+    bus.publish(&whole).await.unwrap();
+    let stop = Shutdown::new();
+    let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
+    wait_for_effects(&f.db, 10).await;
+    // The same run, so the offset is in memory: now a batch that fails.
+    let mut failing: Vec<_> = (0..10)
+        .map(|i| outgoing(&placed(&format!("b{i}"))))
+        .collect();
+    failing.insert(5, outgoing(&placed("flaky")));
+    bus.publish(&failing).await.unwrap();
+    wait_for_effects(&f.db, 21).await;
+    stop.trigger();
+    run.await.unwrap();
+
+    sqlx::query("DELETE FROM consumer_positions")
+        .execute(
+            &sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    bus.publish(&[outgoing(&placed("c"))]).await.unwrap();
+    let stop = Shutdown::new();
+    let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
+    wait_for_effects(&f.db, 22).await;
+    // Give a wrongly doubled batch time to show.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.trigger();
+    run.await.unwrap();
+    assert_eq!(effects(&f.db).await, 22);
+    assert!(f.consumer.dead_letters().await.unwrap().is_empty());
 }
