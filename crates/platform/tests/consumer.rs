@@ -439,30 +439,17 @@ async fn count(db: &Db, table: &str) -> i64 {
         .unwrap()
 }
 
-/// The batch path: a crash after applying but before the log position was
-/// saved redelivers a whole batch, mixed with new events. The consumer's
-/// offset, committed with the effects, drops every old event, a parked one
-/// included; and once there is an offset, no event id is recorded.
-#[tokio::test]
-async fn a_redelivered_batch_has_one_effect_per_event() {
-    let f = fixture(0).await;
-    let path = f.dir_path.join("events.db");
-    let log = EventLog::open(&path, false).await.unwrap();
-    let bus = Bus::Embedded(log.clone());
-    let mut first: Vec<_> = (0..50)
-        .map(|i| outgoing(&placed(&format!("c{i}"))))
-        .collect();
-    first.insert(25, outgoing(&placed("poison")));
-    bus.publish(&first).await.unwrap();
-    let stop = Shutdown::new();
-    let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
-    wait_for_effects(&f.db, 50).await;
-    stop.trigger();
-    run.await.unwrap();
-    assert_eq!(f.consumer.dead_letters().await.unwrap().len(), 1);
-    let recorded = count(&f.db, "processed_events").await;
+/// `n` `OrderPlaced` events, for customers `{prefix}0`, `{prefix}1`, …
+fn placed_events(prefix: &str, n: usize) -> Vec<OutgoingEvent> {
+    (0..n)
+        .map(|i| outgoing(&placed(&format!("{prefix}{i}"))))
+        .collect()
+}
 
-    // Lose the saved position, as if the process died before saving it.
+/// Forgets the log's saved subscriber positions, as if the process died
+/// before saving them: the log hands out everything again.
+async fn lose_log_positions(f: &Fixture) {
+    let path = f.dir_path.join("events.db");
     sqlx::query("DELETE FROM consumer_positions")
         .execute(
             &sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
@@ -471,17 +458,37 @@ async fn a_redelivered_batch_has_one_effect_per_event() {
         )
         .await
         .unwrap();
-    let second: Vec<_> = (0..10)
-        .map(|i| outgoing(&placed(&format!("d{i}"))))
-        .collect();
-    bus.publish(&second).await.unwrap();
+}
+
+/// Runs the fixture's consumer until `n` effects exist, and a while longer
+/// so that a wrongly doubled batch would show; then stops it.
+async fn run_until_settled(f: &Fixture, bus: &Bus, n: i64) {
     let stop = Shutdown::new();
     let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
-    wait_for_effects(&f.db, 60).await;
-    // Give a wrongly doubled batch time to show.
+    wait_for_effects(&f.db, n).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.trigger();
     run.await.unwrap();
+}
+
+/// The batch path: a crash after applying but before the log position was
+/// saved redelivers a whole batch, mixed with new events. The consumer's
+/// offset, committed with the effects, drops every old event, a parked one
+/// included; and once there is an offset, no event id is recorded.
+#[tokio::test]
+async fn a_redelivered_batch_has_one_effect_per_event() {
+    let f = fixture(0).await;
+    let (_log, bus) = log_beside(&f).await;
+    let mut first = placed_events("c", 50);
+    first.insert(25, outgoing(&placed("poison")));
+    bus.publish(&first).await.unwrap();
+    run_until_settled(&f, &bus, 50).await;
+    assert_eq!(f.consumer.dead_letters().await.unwrap().len(), 1);
+    let recorded = count(&f.db, "processed_events").await;
+
+    lose_log_positions(&f).await;
+    bus.publish(&placed_events("d", 10)).await.unwrap();
+    run_until_settled(&f, &bus, 60).await;
     assert_eq!(effects(&f.db).await, 60);
     assert_eq!(f.consumer.dead_letters().await.unwrap().len(), 1);
     assert_eq!(count(&f.db, "processed_events").await, recorded);
@@ -503,42 +510,22 @@ async fn a_redelivered_batch_has_one_effect_per_event() {
 #[tokio::test]
 async fn the_offset_kept_between_batches_follows_the_one_by_one_path() {
     let f = fixture(0).await;
-    let path = f.dir_path.join("events.db");
-    let log = EventLog::open(&path, false).await.unwrap();
-    let bus = Bus::Embedded(log.clone());
-    let whole: Vec<_> = (0..10)
-        .map(|i| outgoing(&placed(&format!("a{i}"))))
-        .collect();
-    bus.publish(&whole).await.unwrap();
+    let (_log, bus) = log_beside(&f).await;
+    bus.publish(&placed_events("a", 10)).await.unwrap();
     let stop = Shutdown::new();
     let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
     wait_for_effects(&f.db, 10).await;
     // The same run, so the offset is in memory: now a batch that fails.
-    let mut failing: Vec<_> = (0..10)
-        .map(|i| outgoing(&placed(&format!("b{i}"))))
-        .collect();
+    let mut failing = placed_events("b", 10);
     failing.insert(5, outgoing(&placed("flaky")));
     bus.publish(&failing).await.unwrap();
     wait_for_effects(&f.db, 21).await;
     stop.trigger();
     run.await.unwrap();
 
-    sqlx::query("DELETE FROM consumer_positions")
-        .execute(
-            &sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-                .await
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    lose_log_positions(&f).await;
     bus.publish(&[outgoing(&placed("c"))]).await.unwrap();
-    let stop = Shutdown::new();
-    let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
-    wait_for_effects(&f.db, 22).await;
-    // Give a wrongly doubled batch time to show.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.trigger();
-    run.await.unwrap();
+    run_until_settled(&f, &bus, 22).await;
     assert_eq!(effects(&f.db).await, 22);
     assert!(f.consumer.dead_letters().await.unwrap().is_empty());
 }
