@@ -159,9 +159,10 @@ const DELETE_AFTER: Duration = Duration::from_millis(200);
 /// database's one writer while the bus commits, and deletes what it
 /// published in bulk: one commit every 200 ms instead of one per batch
 /// (embedded shape under load: 675 of the service databases' 2,925 commits
-/// in 10 s were these deletes). Rows published but not yet deleted when the process dies are
-/// published again on the next start, which the bus deduplicates on the
-/// event id, as it does for a crash between publish and delete anyway.
+/// in 10 s were these deletes). Rows published but not yet deleted when
+/// the process dies are published again on the next start, which the bus
+/// deduplicates on the event id, as it does for a crash between publish
+/// and delete anyway.
 #[derive(Debug, Default)]
 pub struct OwnedOutbox {
     /// Every row with `seq` up to this is on the bus. SQLite assigns `seq`
@@ -191,8 +192,7 @@ impl OwnedOutbox {
         bus.publish(&batch).await?;
         self.published = seqs.last().copied().unwrap_or(self.published);
         self.undeleted += batch.len();
-        metrics::counter!("outbox_relayed_total").increment(batch.len() as u64);
-        metrics::histogram!("outbox_relay_batch_size").record(batch.len() as f64);
+        count_relayed(batch.len());
         let since = *self
             .waiting_since
             .get_or_insert_with(std::time::Instant::now);
@@ -220,6 +220,12 @@ impl OwnedOutbox {
         self.waiting_since = None;
         Ok(())
     }
+}
+
+/// Both relays' instruments for a published batch.
+fn count_relayed(n: usize) {
+    metrics::counter!("outbox_relayed_total").increment(n as u64);
+    metrics::histogram!("outbox_relay_batch_size").record(n as f64);
 }
 
 /// The `seq`s and the events of rows read from the outbox.
@@ -273,8 +279,7 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
     }
     delete.execute(&mut *tx).await?;
     tx.commit().await?;
-    metrics::counter!("outbox_relayed_total").increment(batch.len() as u64);
-    metrics::histogram!("outbox_relay_batch_size").record(batch.len() as f64);
+    count_relayed(batch.len());
     Ok(batch.len())
 }
 
