@@ -64,6 +64,19 @@ impl Databases {
     }
 }
 
+/// A service's database on SQLite in `dir`, for the cases both backends run.
+async fn sqlite_in(dir: &std::path::Path, service: &str, m: Migrations) -> Db {
+    let db = Db::connect(
+        &format!("sqlite://{}", dir.join(format!("{service}.db")).display()),
+        &m,
+        DbOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(db.backend(), Backend::Sqlite);
+    db
+}
+
 fn placed(customer: &str) -> Envelope {
     let ev = Event::OrderPlaced(OrderPlaced {
         customer_id: customer.into(),
@@ -116,6 +129,47 @@ async fn a_late_placement_fills_in_the_customer(mypage: &Db) {
         Some(Outcome::Applied)
     );
     assert_eq!(customer().await.as_deref(), Some("late"));
+}
+
+/// The relay hands the bus each batch in the order it was committed, and a
+/// batch the bus refuses stays in the outbox for the next pass. It reads and
+/// deletes in one statement whose deletion commits only after the publish;
+/// both backends run that statement (PostgreSQL with SKIP LOCKED).
+async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: &std::path::Path) {
+    let mut emitted = Vec::new();
+    for n in [3, 2] {
+        let mut tx = order.begin().await.unwrap();
+        for _ in 0..n {
+            let env = placed("c");
+            outbox::append(&mut tx, &env).await.unwrap();
+            emitted.push(env.event_id);
+        }
+        tx.commit().await.unwrap();
+    }
+    let path = dir.join(format!("relay-{}.db", new_id()));
+    let closed = EventLog::open(&path, false).await.unwrap();
+    closed.close().await;
+    assert!(
+        outbox::relay_batch(order, &Bus::Embedded(closed))
+            .await
+            .is_err()
+    );
+    assert_eq!(outbox::pending(order).await.unwrap(), 5, "nothing was lost");
+
+    let log = EventLog::open(&path, false).await.unwrap();
+    let bus = Bus::Embedded(log.clone());
+    assert_eq!(outbox::relay_batch(order, &bus).await.unwrap(), 5);
+    assert_eq!(outbox::relay_batch(order, &bus).await.unwrap(), 0);
+    assert_eq!(outbox::pending(order).await.unwrap(), 0);
+    let published: Vec<String> = log
+        .read_from(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| Envelope::from_json(d.payload.as_bytes()).unwrap().event_id)
+        .collect();
+    assert_eq!(published, emitted);
+    log.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,15 +297,13 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
 
     a_late_placement_fills_in_the_customer(&mypage).await;
     // The same on SQLite, where a statement of its own joins the customer.
-    let sqlite = Db::connect(
-        &format!("sqlite://{}", dir.path().join("mypage.db").display()),
-        &restaurant_mypage::migrations(),
-        DbOptions::default(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(sqlite.backend(), Backend::Sqlite);
+    let sqlite = sqlite_in(dir.path(), "mypage", restaurant_mypage::migrations()).await;
     a_late_placement_fills_in_the_customer(&sqlite).await;
+    sqlite.close().await;
+
+    the_relay_keeps_commit_order_and_what_the_bus_refused(&order, dir.path()).await;
+    let sqlite = sqlite_in(dir.path(), "order", restaurant_order::migrations()).await;
+    the_relay_keeps_commit_order_and_what_the_bus_refused(&sqlite, dir.path()).await;
     sqlite.close().await;
 
     for db in [&order, &cook, &mypage] {

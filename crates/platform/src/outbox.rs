@@ -4,7 +4,13 @@
 //! rows to the bus and deletes them; a crash between the two re-publishes,
 //! which the bus deduplicates on the event id and consumers tolerate anyway.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use restaurant_contract::{Cause, Envelope, Event, now_ms};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
@@ -91,11 +97,49 @@ pub async fn emit(
 /// Wakes the relay after a commit that appended events, so latency is the
 /// relay's work and not its poll interval.
 #[derive(Clone, Default, Debug)]
-pub struct OutboxSignal(Arc<Notify>);
+pub struct OutboxSignal(Arc<SignalState>);
+
+#[derive(Default, Debug)]
+struct SignalState {
+    wake: Notify,
+    /// Commits announced so far. The relay compares it with the count it saw
+    /// before its last read: a wake-up left over from a commit that read
+    /// already moved is not worth another read. Without it, most batches
+    /// were followed by an empty poll (distributed shape at 1,200 orders/s:
+    /// 161 empty relay transactions a second, ~13% of the statements
+    /// PostgreSQL ran).
+    commits: AtomicU64,
+}
 
 impl OutboxSignal {
+    /// Call after the commit, never before: a relay that sees the count
+    /// changed must find the rows.
     pub fn notify(&self) {
-        self.0.notify_one();
+        self.0.commits.fetch_add(1, Ordering::Release);
+        self.0.wake.notify_one();
+    }
+
+    fn commits(&self) -> u64 {
+        self.0.commits.load(Ordering::Acquire)
+    }
+
+    /// Waits for a commit announced after `seen` was read; `false` if
+    /// `idle` passed first.
+    async fn committed_since(&self, seen: u64, idle: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + idle;
+        loop {
+            if self.commits() != seen {
+                return true;
+            }
+            // `Notify` keeps one wake-up for a later waiter, so a stale one
+            // costs one more turn of this loop, not a read.
+            if tokio::time::timeout_at(deadline, self.0.wake.notified())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
     }
 }
 
@@ -107,6 +151,7 @@ pub async fn run_relay(db: Db, bus: Bus, signal: OutboxSignal, shutdown: Shutdow
     let mut owned = (db.backend() == Backend::Sqlite).then(OwnedOutbox::default);
     let mut failures = 0u32;
     loop {
+        let seen = signal.commits();
         let pass = match &mut owned {
             Some(owned) => owned.relay(&db, &bus).await,
             None => relay_batch(&db, &bus).await,
@@ -132,8 +177,9 @@ pub async fn run_relay(db: Db, bus: Bus, signal: OutboxSignal, shutdown: Shutdow
             return;
         }
         tokio::select! {
-            _ = signal.0.notified() => tokio::time::sleep(gather_for(last)).await,
-            _ = tokio::time::sleep(RELAY_IDLE_POLL) => {}
+            woken = signal.committed_since(seen, RELAY_IDLE_POLL) => if woken {
+                tokio::time::sleep(gather_for(last)).await;
+            },
             _ = shutdown.wait() => {
                 // One last pass for rows committed just before the signal.
                 let drained = match &mut owned {
@@ -246,7 +292,10 @@ fn outgoing(rows: &[AnyRow]) -> Result<(Vec<i64>, Vec<OutgoingEvent>), sqlx::Err
 
 /// Publishes one batch in `seq` order and deletes it in one transaction,
 /// returning its size. On PostgreSQL the rows are locked with `SKIP
-/// LOCKED`, so replicas of a service relay disjoint batches.
+/// LOCKED`, so replicas of a service relay disjoint batches. The rows are
+/// deleted as they are read (`DELETE … RETURNING`, one statement where a
+/// read and a delete were two) and the deletion commits only after the bus
+/// has the batch: a failed publish rolls it back.
 pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
     let mut tx = db.begin().await?;
     // The limit is a parameter so that PostgreSQL plans each poll for the
@@ -254,9 +303,10 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
     // the plan it got first, and a plan made on the empty table of a fresh
     // database is a sequential scan — measured at 3–24 ms a poll once tens of
     // thousands of dead rows await autovacuum.
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT seq, event_id, order_id, event_type, payload FROM outbox \
-         ORDER BY seq LIMIT {}{}",
+    let mut rows = sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM outbox WHERE seq IN \
+         (SELECT seq FROM outbox ORDER BY seq LIMIT {}{}) \
+         RETURNING seq, event_id, order_id, event_type, payload",
         Params::of(&tx).one(),
         db.skip_locked_suffix()
     )))
@@ -267,17 +317,10 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
         tx.rollback().await?;
         return Ok(0);
     }
-    let (seqs, batch) = outgoing(&rows)?;
+    // RETURNING gives no order; the bus must get them in commit order.
+    rows.sort_by_cached_key(|row| row.try_get::<i64, _>(0).unwrap_or(i64::MAX));
+    let (_, batch) = outgoing(&rows)?;
     bus.publish(&batch).await?;
-    let sql = format!(
-        "DELETE FROM outbox WHERE seq IN ({})",
-        Params::of(&tx).list(seqs.len())
-    );
-    let mut delete = sqlx::query(AssertSqlSafe(sql)).persistent(false);
-    for seq in &seqs {
-        delete = delete.bind(*seq);
-    }
-    delete.execute(&mut *tx).await?;
     tx.commit().await?;
     count_relayed(batch.len());
     Ok(batch.len())
@@ -301,5 +344,31 @@ mod tests {
         assert_eq!(gather_for(40), RELAY_GATHER_MAX);
         assert_eq!(gather_for(RELAY_BATCH as usize), RELAY_GATHER_MAX);
         assert_eq!(gather_for(usize::MAX), RELAY_GATHER_MAX);
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_from_a_commit_already_read_is_not_a_new_commit() {
+        let signal = OutboxSignal::default();
+        let idle = Duration::from_millis(30);
+        // A commit announced before the relay's read: its rows are in that
+        // read, but its wake-up is still stored.
+        signal.notify();
+        let seen = signal.commits();
+        let started = std::time::Instant::now();
+        assert!(!signal.committed_since(seen, idle).await);
+        assert!(started.elapsed() >= idle, "waited out the idle poll");
+        // A commit after the read wakes the relay at once, even if it came
+        // before the relay began to wait.
+        signal.notify();
+        assert!(signal.committed_since(seen, idle).await);
+        let seen = signal.commits();
+        let later = signal.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            later.notify();
+        });
+        let started = std::time::Instant::now();
+        assert!(signal.committed_since(seen, Duration::from_secs(5)).await);
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }
