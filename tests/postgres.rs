@@ -185,6 +185,18 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
         .create("delivery", restaurant_delivery::migrations())
         .await;
     let mypage = dbs.create("mypage", restaurant_mypage::migrations()).await;
+    // The tables updated in place leave room on their pages (PostgreSQL's
+    // own migrations, beside the portable ones).
+    for (db, table) in [(&order, "orders"), (&mypage, "views")] {
+        let options: Option<String> = sqlx::query_scalar(
+            "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE relname = $1",
+        )
+        .bind(table)
+        .fetch_one(db.reader())
+        .await
+        .unwrap();
+        assert_eq!(options.as_deref(), Some("fillfactor=70"), "{table}");
+    }
 
     // Order: insert, lock-and-update, idempotency keys.
     use restaurant_order::{domain::NewOrder, store};

@@ -32,7 +32,7 @@ pub const NAME: &str = "order";
 
 /// The service's schema: portable SQL, the same for SQLite and PostgreSQL.
 pub fn migrations() -> Migrations {
-    Migrations::portable(sqlx::migrate!())
+    Migrations::portable_and_postgres(sqlx::migrate!(), sqlx::migrate!("migrations/postgres"))
 }
 
 #[derive(Clone, Debug)]

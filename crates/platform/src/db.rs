@@ -36,6 +36,18 @@ impl Migrations {
             postgres: m,
         }
     }
+
+    /// Portable migrations plus some for PostgreSQL alone (storage settings
+    /// SQLite has no words for); their versions must be unused by `m`.
+    pub fn portable_and_postgres(m: Migrator, postgres_only: Migrator) -> Self {
+        let mut postgres = m.migrations.to_vec();
+        postgres.extend(postgres_only.migrations.iter().cloned());
+        postgres.sort_by_key(|m| m.version);
+        Migrations {
+            sqlite: Migrator::with_migrations(m.migrations.to_vec()),
+            postgres: Migrator::with_migrations(postgres),
+        }
+    }
 }
 
 /// Platform tables (outbox, processed events, dead letters) take versions
