@@ -30,7 +30,8 @@ use tokio::net::TcpListener;
 
 pub const NAME: &str = "mypage";
 
-/// The service's schema: portable SQL, the same for SQLite and PostgreSQL.
+/// The service's schema: portable SQL, the same for SQLite and PostgreSQL,
+/// and a storage setting for PostgreSQL alone (`migrations/postgres`).
 pub fn migrations() -> Migrations {
     Migrations::portable_and_postgres(sqlx::migrate!(), sqlx::migrate!("migrations/postgres"))
 }

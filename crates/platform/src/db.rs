@@ -43,6 +43,10 @@ impl Migrations {
         let mut postgres = m.migrations.to_vec();
         postgres.extend(postgres_only.migrations.iter().cloned());
         postgres.sort_by_key(|m| m.version);
+        // A programming error, found at the first start of any test.
+        if let Some(w) = postgres.windows(2).find(|w| w[0].version == w[1].version) {
+            panic!("migration version {} is used twice", w[0].version);
+        }
         Migrations {
             sqlite: Migrator::with_migrations(m.migrations.to_vec()),
             postgres: Migrator::with_migrations(postgres),
@@ -429,7 +433,39 @@ impl Params {
 
 #[cfg(test)]
 mod tests {
-    use super::{Backend, Params};
+    use super::{Backend, Migrations, Params};
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+    fn migrator(versions: &[i64]) -> Migrator {
+        Migrator::with_migrations(
+            versions
+                .iter()
+                .map(|&v| {
+                    Migration::new(
+                        v,
+                        format!("m{v}").into(),
+                        MigrationType::Simple,
+                        sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(format!("SELECT {v}"))),
+                        false,
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn postgres_only_migrations_join_the_portable_ones_in_version_order() {
+        let m = Migrations::portable_and_postgres(migrator(&[100, 200]), migrator(&[190]));
+        let versions = |m: &Migrator| m.migrations.iter().map(|m| m.version).collect::<Vec<_>>();
+        assert_eq!(versions(&m.postgres), [100, 190, 200]);
+        assert_eq!(versions(&m.sqlite), [100, 200]);
+    }
+
+    #[test]
+    #[should_panic(expected = "migration version 100 is used twice")]
+    fn a_postgres_only_migration_may_not_reuse_a_portable_version() {
+        Migrations::portable_and_postgres(migrator(&[100]), migrator(&[100]));
+    }
 
     #[test]
     fn placeholders_are_numbered_for_postgres_and_anonymous_for_sqlite() {
