@@ -40,18 +40,22 @@ impl Migrations {
     /// Portable migrations plus some for PostgreSQL alone (storage settings
     /// SQLite has no words for); their versions must be unused by `m`.
     pub fn portable_and_postgres(m: Migrator, postgres_only: Migrator) -> Self {
-        let mut postgres = m.migrations.to_vec();
-        postgres.extend(postgres_only.migrations.iter().cloned());
-        postgres.sort_by_key(|m| m.version);
-        // A programming error, found at the first start of any test.
-        if let Some(w) = postgres.windows(2).find(|w| w[0].version == w[1].version) {
-            panic!("migration version {} is used twice", w[0].version);
-        }
         Migrations {
             sqlite: Migrator::with_migrations(m.migrations.to_vec()),
-            postgres: Migrator::with_migrations(postgres),
+            postgres: Migrator::with_migrations(merged(&m.migrations, &postgres_only.migrations)),
         }
     }
+}
+
+/// Two sets of migrations as one, in version order. A version in both is a
+/// programming error, found at the first start of any test.
+fn merged(a: &[Migration], b: &[Migration]) -> Vec<Migration> {
+    let mut all: Vec<Migration> = a.iter().chain(b).cloned().collect();
+    all.sort_by_key(|m| m.version);
+    if let Some(w) = all.windows(2).find(|w| w[0].version == w[1].version) {
+        panic!("migration version {} is used twice", w[0].version);
+    }
+    all
 }
 
 /// Platform tables (outbox, processed events, dead letters) take versions
@@ -260,13 +264,9 @@ impl Db {
             Backend::Sqlite => (platform.sqlite, &service.sqlite),
             Backend::Postgres => (platform.postgres, &service.postgres),
         };
-        let all: Vec<Migration> = platform
-            .migrations
-            .iter()
-            .chain(service.migrations.iter())
-            .cloned()
-            .collect();
-        Migrator::with_migrations(all).run(&self.write).await?;
+        Migrator::with_migrations(merged(&platform.migrations, &service.migrations))
+            .run(&self.write)
+            .await?;
         Ok(())
     }
 
