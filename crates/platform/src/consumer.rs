@@ -63,6 +63,15 @@ pub trait Handler: Send + Sync + 'static {
     /// per event, less. The handler's own tests must show it.
     const IDEMPOTENT: bool = false;
 
+    /// The least time between the starts of two batches. Zero (the
+    /// default) takes each batch as soon as an event is there. A consumer
+    /// whose effects nobody waits on may trade up to this much of its own
+    /// lag for fewer, larger transactions: under load it then commits once
+    /// per `LINGER` instead of as often as events trickle in, and leaves
+    /// its database's one SQLite writer free for the work users wait on.
+    /// After a quiet spell the first event is still taken at once.
+    const LINGER: Duration = Duration::ZERO;
+
     /// Applies `event` inside `tx`. Everything the handler writes, including
     /// outgoing events through the outbox, commits with the dedup record.
     fn handle<'a>(
@@ -202,6 +211,8 @@ impl<H: Handler> Consumer<H> {
         let positional = sub.total_order();
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut last_prune = tokio::time::Instant::now();
+        // When the last batch was taken; the next waits for H::LINGER.
+        let mut last_batch: Option<tokio::time::Instant> = None;
         loop {
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = tokio::time::Instant::now();
@@ -219,10 +230,19 @@ impl<H: Handler> Consumer<H> {
                 self.acknowledge(sub, &batch, done).await;
                 continue;
             }
+            let ready = last_batch.map(|t| t + H::LINGER);
+            let lingering = ready.is_some_and(|r| tokio::time::Instant::now() < r);
             tokio::select! {
-                b = sub.next_batch(BATCH, IDLE_WAIT) => match b {
+                // Acknowledgements and shutdown go on while it lingers.
+                _ = tokio::time::sleep_until(ready.unwrap_or_else(tokio::time::Instant::now)), if lingering => {}
+                b = sub.next_batch(BATCH, IDLE_WAIT), if !lingering => match b {
                     Ok(batch) if batch.is_empty() => {}
-                    Ok(batch) => in_flight.push(self.process(batch, positional, shutdown)),
+                    Ok(batch) => {
+                        if !H::LINGER.is_zero() {
+                            last_batch = Some(tokio::time::Instant::now());
+                        }
+                        in_flight.push(self.process(batch, positional, shutdown));
+                    }
                     Err(e) => {
                         tracing::warn!(consumer = %self.name, error = %e, "fetch failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;

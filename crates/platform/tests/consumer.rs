@@ -529,3 +529,83 @@ async fn the_offset_kept_between_batches_follows_the_one_by_one_path() {
     assert_eq!(effects(&f.db).await, 22);
     assert!(f.consumer.dead_letters().await.unwrap().is_empty());
 }
+
+/// Counts the batches and events it is given; takes a batch at most every
+/// 250 ms.
+#[derive(Default)]
+struct Lingering {
+    batches: AtomicU32,
+    events: AtomicU32,
+}
+
+impl Handler for Lingering {
+    const TYPES: &'static [&'static str] = &["OrderPlaced"];
+    const LINGER: Duration = Duration::from_millis(250);
+
+    async fn handle(&self, _: &mut Tx, _: &Envelope, _: Event) -> Result<(), HandleError> {
+        self.events.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn handle_batch(
+        &self,
+        _: &mut Tx,
+        batch: Vec<(Envelope, Event)>,
+    ) -> Result<(), HandleError> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.events.fetch_add(batch.len() as u32, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A lingering consumer takes the first event after a quiet spell at once,
+/// and events that trickle in after it together, each once.
+#[tokio::test]
+async fn a_lingering_consumer_takes_a_trickle_in_few_batches() {
+    let f = fixture(0).await;
+    let (_log, bus) = log_beside(&f).await;
+    let handler = Arc::new(Lingering::default());
+    let consumer = Arc::new(Consumer::new(
+        "lingering",
+        f.db.clone(),
+        handler.clone(),
+        OutboxSignal::default(),
+    ));
+    let stop = Shutdown::new();
+    let run = tokio::spawn(consumer.run(bus.clone(), stop.clone()));
+    let applied = |n: u32| {
+        let handler = handler.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while handler.events.load(Ordering::SeqCst) < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{n} events not applied"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+
+    let first = tokio::time::Instant::now();
+    bus.publish(&placed_events("first", 1)).await.unwrap();
+    applied(1).await;
+    assert!(
+        first.elapsed() < Duration::from_millis(200),
+        "the first event after a quiet spell waited {:?}",
+        first.elapsed()
+    );
+    // Thirty events, one every 2 ms: taken as they come, they were 31
+    // batches with the first.
+    for e in placed_events("trickle", 30) {
+        bus.publish(&[e]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    applied(31).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.trigger();
+    run.await.unwrap();
+    assert_eq!(handler.events.load(Ordering::SeqCst), 31, "each event once");
+    let batches = handler.batches.load(Ordering::SeqCst);
+    assert!((2..=5).contains(&batches), "31 events in {batches} batches");
+}
