@@ -238,9 +238,7 @@ impl<H: Handler> Consumer<H> {
                 b = sub.next_batch(BATCH, IDLE_WAIT), if !lingering => match b {
                     Ok(batch) if batch.is_empty() => {}
                     Ok(batch) => {
-                        if !H::LINGER.is_zero() {
-                            last_batch = Some(tokio::time::Instant::now());
-                        }
+                        last_batch = Some(tokio::time::Instant::now());
                         in_flight.push(self.process(batch, positional, shutdown));
                     }
                     Err(e) => {
