@@ -449,6 +449,49 @@ async fn the_owned_relay_deletes_in_bulk_and_a_restart_republishes_nothing_twice
     );
 }
 
+#[tokio::test]
+async fn the_owned_relay_publishes_every_payload_unchanged_in_commit_order() {
+    let f = fixture(0).await;
+    let (log, bus) = log_beside(&f).await;
+    // More than one relay batch, over several transactions, with text that
+    // JSON must escape on the way (the relay reads a batch as one array).
+    let mut sent = Vec::new();
+    for t in 0..3 {
+        let mut tx = f.db.begin().await.unwrap();
+        for i in 0..250 {
+            let ev = Event::OrderPlaced(OrderPlaced {
+                customer_id: format!("c{t}-{i}"),
+                restaurant_id: "r".into(),
+                items: vec![OrderLine {
+                    menu_id: "m".into(),
+                    qty: 1,
+                }],
+                address: format!("\"종로\" 1\\2\n\t\u{1}🍜 {i}"),
+            });
+            let env = Envelope::new(
+                "order",
+                &restaurant_contract::new_id(),
+                &ev,
+                &Cause::default(),
+            );
+            outbox::append(&mut tx, &env).await.unwrap();
+            sent.push(env.to_json());
+        }
+        tx.commit().await.unwrap();
+    }
+    let mut relay = outbox::OwnedOutbox::default();
+    relay.drain(&f.db, &bus).await.unwrap();
+    let logged: Vec<String> = log
+        .read_from(0, 1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.payload)
+        .collect();
+    assert_eq!(logged, sent);
+    assert_eq!(effects(&f.db).await, 0);
+}
+
 async fn wait_for_effects(db: &Db, n: i64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while effects(db).await < n {
