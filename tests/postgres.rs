@@ -228,6 +228,8 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
         .await
         .unwrap()
         .unwrap();
+    // Read back packed as JSON (`db::packed`): every column, NULLs included.
+    assert_eq!(locked, o);
     locked.reason = Some("checked".into());
     store::update(&mut tx, &locked).await.unwrap();
     tx.commit().await.unwrap();

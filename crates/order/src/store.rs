@@ -2,13 +2,22 @@
 //! caller owns, so the state change and its outbox event commit together.
 
 use restaurant_contract::OrderLine;
-use restaurant_platform::db::{Db, Params, Tx, rows_per_statement};
+use restaurant_platform::db::{Db, Params, Tx, packed, rows_per_statement, unpack};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
 use crate::domain::{Order, OrderStatus};
 
 const COLUMNS: &str = "id, customer_id, restaurant_id, items, address, status, reason, \
                        cook_id, delivery_id, created_at, updated_at";
+
+fn parse_items(items: &str) -> Result<Vec<OrderLine>, sqlx::Error> {
+    serde_json::from_str(items).map_err(|e| sqlx::Error::Decode(e.into()))
+}
+
+fn parse_status(status: &str) -> Result<OrderStatus, sqlx::Error> {
+    OrderStatus::parse(status)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))
+}
 
 fn from_row(r: &AnyRow) -> Result<Order, sqlx::Error> {
     let items: String = r.try_get(3)?;
@@ -17,11 +26,9 @@ fn from_row(r: &AnyRow) -> Result<Order, sqlx::Error> {
         id: r.try_get(0)?,
         customer_id: r.try_get(1)?,
         restaurant_id: r.try_get(2)?,
-        items: serde_json::from_str::<Vec<OrderLine>>(&items)
-            .map_err(|e| sqlx::Error::Decode(e.into()))?,
+        items: parse_items(&items)?,
         address: r.try_get(4)?,
-        status: OrderStatus::parse(&status)
-            .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?,
+        status: parse_status(&status)?,
         reason: r.try_get(6)?,
         cook_id: r.try_get(7)?,
         delivery_id: r.try_get(8)?,
@@ -87,20 +94,69 @@ pub async fn load_many_for_update(
 ) -> Result<Vec<Order>, sqlx::Error> {
     let mut orders = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
-        let mut q = sqlx::query(AssertSqlSafe(format!(
+        // Packed into one row (see `db::packed`): the order consumer reads
+        // a few hundred orders a batch while it holds the order database's
+        // one SQLite writer, which placements wait for.
+        let select = format!(
             "SELECT {COLUMNS} FROM orders WHERE id IN ({}) ORDER BY id{}",
             Params::of(tx).list(chunk.len()),
             db.lock_suffix()
-        )))
-        .persistent(false);
+        );
+        let mut q =
+            sqlx::query_scalar::<_, String>(AssertSqlSafe(packed(db.backend(), COLUMNS, &select)))
+                .persistent(false);
         for id in chunk {
             q = q.bind(*id);
         }
-        for row in q.fetch_all(&mut **tx).await? {
-            orders.push(from_row(&row)?);
+        for row in unpack::<Packed>(&q.fetch_one(&mut **tx).await?)? {
+            orders.push(from_packed(row)?);
         }
     }
     Ok(orders)
+}
+
+/// An order's columns as [`packed`] returns them.
+type Packed = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    i64,
+    i64,
+);
+
+fn from_packed(r: Packed) -> Result<Order, sqlx::Error> {
+    let (
+        id,
+        customer_id,
+        restaurant_id,
+        items,
+        address,
+        status,
+        reason,
+        cook_id,
+        delivery_id,
+        created_at,
+        updated_at,
+    ) = r;
+    Ok(Order {
+        id,
+        customer_id,
+        restaurant_id,
+        items: parse_items(&items)?,
+        address,
+        status: parse_status(&status)?,
+        reason,
+        cook_id,
+        delivery_id,
+        created_at,
+        updated_at,
+    })
 }
 
 /// Loads an order to change it, locking its row until commit.
