@@ -3,7 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use restaurant_contract::{CookCompleted, OrderLine, now_ms};
-use restaurant_platform::db::{Db, Params, Tx, rows_per_statement};
+use restaurant_platform::{
+    db::{Db, Params, Tx, present, rows_per_statement, select_for_update},
+    timer::due,
+};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
 use crate::domain::{CookStatus, MenuItem, Ticket};
@@ -138,9 +141,9 @@ pub async fn insert_tickets(
     let mut claimed = HashSet::with_capacity(tickets.len());
     for chunk in tickets.chunks(rows_per_statement(tx, 10)) {
         let values = Params::of(tx).rows(chunk.len(), 10);
-        let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!(
+        let mut q = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO cooks ({TICKET_COLUMNS}) VALUES {values} \
-             ON CONFLICT (order_id) DO NOTHING RETURNING order_id"
+             ON CONFLICT (order_id) DO NOTHING"
         )))
         .persistent(false);
         for t in chunk {
@@ -156,7 +159,22 @@ pub async fn insert_tickets(
                 .bind(t.created_at)
                 .bind(t.updated_at);
         }
-        claimed.extend(q.fetch_all(&mut **tx).await?);
+        // Counted, not returned: a `RETURNING` row per ticket is a
+        // contended hand-off per row on SQLite (see `db::packed`). Only
+        // when some order had a ticket already is it worth asking which.
+        let inserted = q.execute(&mut **tx).await?.rows_affected();
+        if inserted == chunk.len() as u64 {
+            claimed.extend(chunk.iter().map(|t| t.order_id.clone()));
+        } else {
+            let ids: Vec<&str> = chunk.iter().map(|t| t.id.as_str()).collect();
+            let inserted = present(tx, "cooks", &ids).await?;
+            claimed.extend(
+                chunk
+                    .iter()
+                    .filter(|t| inserted.contains(&t.id))
+                    .map(|t| t.order_id.clone()),
+            );
+        }
     }
     Ok(claimed)
 }
@@ -284,51 +302,65 @@ pub async fn ticket(db: &Db, key: TicketKey, value: &str) -> Result<Option<Ticke
 }
 
 /// Marks the tickets among `ids` that are still cooking as cooked, and
-/// returns what each one's `CookCompleted` says, with its order id.
+/// returns what each one's `CookCompleted` says, with its order id. The
+/// tickets are read (locked on PostgreSQL) and then updated, instead of
+/// one `UPDATE … RETURNING`, so that they come back as one row (see
+/// `db::packed`).
 pub async fn mark_cooked(
+    db: &Db,
     tx: &mut Tx,
     ids: &[String],
     now: i64,
 ) -> Result<Vec<(String, CookCompleted)>, sqlx::Error> {
     let mut done = Vec::with_capacity(ids.len());
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
+        let cooking: Vec<(String, String, String, String)> = select_for_update(
+            db,
+            tx,
+            "cooks",
+            "id, order_id, restaurant_id, address",
+            "status = 'COOKING'",
+            chunk,
+        )
+        .await?;
+        if cooking.is_empty() {
+            continue;
+        }
         let mut p = Params::of(tx);
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "UPDATE cooks SET status = 'COOKED', complete_at = NULL, updated_at = {} \
-             WHERE status = 'COOKING' AND id IN ({}) \
-             RETURNING id, order_id, restaurant_id, address",
+             WHERE id IN ({})",
             p.one(),
-            p.list(chunk.len())
+            p.list(cooking.len())
         )))
         .persistent(false)
         .bind(now);
-        for id in chunk {
+        for (id, ..) in &cooking {
             q = q.bind(id);
         }
-        for row in q.fetch_all(&mut **tx).await? {
-            done.push((
-                row.try_get(1)?,
-                CookCompleted {
-                    cook_id: row.try_get(0)?,
-                    restaurant_id: row.try_get(2)?,
-                    address: row.try_get(3)?,
-                },
-            ));
-        }
+        q.execute(&mut **tx).await?;
+        done.extend(
+            cooking
+                .into_iter()
+                .map(|(cook_id, order_id, restaurant_id, address)| {
+                    (
+                        order_id,
+                        CookCompleted {
+                            cook_id,
+                            restaurant_id,
+                            address,
+                        },
+                    )
+                }),
+        );
     }
     Ok(done)
 }
 
 /// Tickets whose automatic completion is due at `now`.
 pub async fn due_tickets(db: &Db, now: i64, limit: i64) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT id FROM cooks WHERE status = 'COOKING' AND complete_at IS NOT NULL \
-         AND complete_at <= $1 ORDER BY complete_at, id LIMIT $2",
-    )
-    .bind(now)
-    .bind(limit)
-    .fetch_all(db.reader())
-    .await
+    due(db, "cooks", "COOKING", now, limit).await
 }
 
 pub async fn next_due(db: &Db) -> Result<Option<i64>, sqlx::Error> {

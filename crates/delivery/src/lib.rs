@@ -4,7 +4,11 @@
 //! status rules, SQL, handlers and wiring, in that order.
 #![forbid(unsafe_code)]
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -16,10 +20,11 @@ use restaurant_contract::{
 };
 use restaurant_platform::{
     consumer::{HandleError, Handler},
-    db::{Db, Migrations, Params, Tx, rows_per_statement},
+    db::{Db, Migrations, Params, Tx, present, rows_per_statement, select_for_update},
     http::{Json, Path, Problem, Query, RequestContext, required},
     outbox, rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
+    timer,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
@@ -136,8 +141,7 @@ async fn start_deliveries(
         });
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO deliveries (id, order_id, cook_id, address, status, complete_at, \
-             created_at, updated_at) VALUES {values} \
-             ON CONFLICT (order_id) DO NOTHING RETURNING id, order_id"
+             created_at, updated_at) VALUES {values} ON CONFLICT (order_id) DO NOTHING"
         )))
         .persistent(false);
         let ids: Vec<String> = chunk.iter().map(|_| new_id()).collect();
@@ -151,15 +155,25 @@ async fn start_deliveries(
                 .bind(now)
                 .bind(now);
         }
-        let mut started: std::collections::HashMap<String, String> = q
-            .fetch_all(&mut **tx)
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get::<String, _>(1)?, r.try_get::<String, _>(0)?)))
-            .collect::<Result<_, sqlx::Error>>()?;
+        // Counted, not returned (see `db::packed`); only when some order was
+        // delivering already is it worth asking which of ours went in.
+        let inserted = q.execute(&mut **tx).await?.rows_affected();
+        let all = inserted == chunk.len() as u64;
+        let went_in = if all {
+            HashSet::new()
+        } else {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            present(tx, "deliveries", &ids).await?
+        };
+        let mut started: HashMap<&str, String> = HashMap::with_capacity(chunk.len());
+        for (id, (env, _)) in ids.into_iter().zip(chunk) {
+            if all || went_in.contains(&id) {
+                started.insert(&env.order_id, id);
+            }
+        }
         // An order already delivering (a second CookCompleted) starts nothing.
         for (env, c) in chunk {
-            if let Some(id) = started.remove(&env.order_id) {
+            if let Some(id) = started.remove(env.order_id.as_str()) {
                 let ev = Event::DeliveryStarted(DeliveryStarted {
                     delivery_id: id,
                     cook_id: c.cook_id.clone(),
@@ -176,7 +190,7 @@ async fn start_deliveries(
 /// delivered one again changes nothing.
 async fn complete(app: &App, id: &str, cause: &Cause) -> Result<Option<Delivery>, sqlx::Error> {
     let mut tx = app.ctx.db.begin().await?;
-    complete_in(&mut tx, &[id.to_owned()], cause).await?;
+    complete_in(&app.ctx.db, &mut tx, &[id.to_owned()], cause).await?;
     tx.commit().await?;
     app.ctx.outbox.notify();
     find(&app.ctx.db, "id", id).await
@@ -185,27 +199,45 @@ async fn complete(app: &App, id: &str, cause: &Cause) -> Result<Option<Delivery>
 /// Marks the deliveries among `ids` that are on their way as delivered and
 /// publishes their events (a guarded transition: completing twice
 /// publishes once).
-async fn complete_in(tx: &mut Tx, ids: &[String], cause: &Cause) -> Result<(), sqlx::Error> {
+async fn complete_in(
+    db: &Db,
+    tx: &mut Tx,
+    ids: &[String],
+    cause: &Cause,
+) -> Result<(), sqlx::Error> {
     let now = now_ms();
     let mut events = Vec::with_capacity(ids.len());
+    // Read (locked on PostgreSQL) and then updated, instead of one
+    // `UPDATE … RETURNING`, so the rows come back as one (see `db::packed`).
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
+        let delivering: Vec<(String, String)> = select_for_update(
+            db,
+            tx,
+            "deliveries",
+            "id, order_id",
+            "status = 'DELIVERING'",
+            chunk,
+        )
+        .await?;
+        if delivering.is_empty() {
+            continue;
+        }
         let mut p = Params::of(tx);
         let mut q = sqlx::query(AssertSqlSafe(format!(
             "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL, updated_at = {} \
-             WHERE status = 'DELIVERING' AND id IN ({}) RETURNING id, order_id",
+             WHERE id IN ({})",
             p.one(),
-            p.list(chunk.len())
+            p.list(delivering.len())
         )))
         .persistent(false)
         .bind(now);
-        for id in chunk {
+        for (id, _) in &delivering {
             q = q.bind(id);
         }
-        for row in q.fetch_all(&mut **tx).await? {
-            let order_id: String = row.try_get(1)?;
-            let ev = Event::DeliveryCompleted(DeliveryRef {
-                delivery_id: row.try_get(0)?,
-            });
+        q.execute(&mut **tx).await?;
+        for (delivery_id, order_id) in delivering {
+            let ev = Event::DeliveryCompleted(DeliveryRef { delivery_id });
             events.push(Envelope::new(NAME, &order_id, &ev, cause));
         }
     }
@@ -216,18 +248,11 @@ async fn complete_in(tx: &mut Tx, ids: &[String], cause: &Cause) -> Result<(), s
 async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
     const BATCH: i64 = 256;
     let db = &app.ctx.db;
-    let due: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM deliveries WHERE status = 'DELIVERING' AND complete_at IS NOT NULL \
-         AND complete_at <= $1 ORDER BY complete_at, id LIMIT $2",
-    )
-    .bind(now_ms())
-    .bind(BATCH)
-    .fetch_all(db.reader())
-    .await?;
+    let due = timer::due(db, "deliveries", "DELIVERING", now_ms(), BATCH).await?;
     if !due.is_empty() {
         // Every due delivery in one transaction: one commit for many.
         let mut tx = db.begin().await?;
-        complete_in(&mut tx, &due, &Cause::default()).await?;
+        complete_in(db, &mut tx, &due, &Cause::default()).await?;
         tx.commit().await?;
         app.ctx.outbox.notify();
     }

@@ -2,7 +2,7 @@
 //! caller owns, so the state change and its outbox event commit together.
 
 use restaurant_contract::OrderLine;
-use restaurant_platform::db::{Db, Params, Tx, packed, rows_per_statement, unpack};
+use restaurant_platform::db::{Db, Params, Tx, rows_per_statement, select_for_update};
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
 use crate::domain::{Order, OrderStatus};
@@ -92,30 +92,17 @@ pub async fn load_many_for_update(
     tx: &mut Tx,
     ids: &[&str],
 ) -> Result<Vec<Order>, sqlx::Error> {
-    let mut orders = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
-        // Packed into one row (see `db::packed`): the order consumer reads
-        // a few hundred orders a batch while it holds the order database's
-        // one SQLite writer, which placements wait for.
-        let select = format!(
-            "SELECT {COLUMNS} FROM orders WHERE id IN ({}) ORDER BY id{}",
-            Params::of(tx).list(chunk.len()),
-            db.lock_suffix()
-        );
-        let mut q =
-            sqlx::query_scalar::<_, String>(AssertSqlSafe(packed(db.backend(), COLUMNS, &select)))
-                .persistent(false);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in unpack::<Packed>(&q.fetch_one(&mut **tx).await?)? {
-            orders.push(from_packed(row)?);
-        }
-    }
-    Ok(orders)
+    // Packed into one row (see `db::packed`): the order consumer reads a
+    // few hundred orders a batch while it holds the order database's one
+    // SQLite writer, which placements wait for.
+    select_for_update::<Packed>(db, tx, "orders", COLUMNS, "", ids)
+        .await?
+        .into_iter()
+        .map(from_packed)
+        .collect()
 }
 
-/// An order's columns as [`packed`] returns them.
+/// An order's columns as `db::packed` returns them.
 type Packed = (
     String,
     String,

@@ -350,6 +350,65 @@ pub fn unpack<T: serde::de::DeserializeOwned>(json: &str) -> Result<Vec<T>, sqlx
     serde_json::from_str(json).map_err(|e| sqlx::Error::Decode(e.into()))
 }
 
+/// `columns` of the rows of `table` whose `id` is in `ids` and that meet
+/// `also` (a condition, or empty), read inside `tx` to be changed: on
+/// PostgreSQL locked, in id order so that replicas cannot deadlock; on
+/// SQLite the transaction holds the one writer already. [`packed`] into
+/// one row per statement, and decoded as `T`s (see [`unpack`]).
+pub async fn select_for_update<T: serde::de::DeserializeOwned>(
+    db: &Db,
+    tx: &mut Tx,
+    table: &str,
+    columns: &str,
+    also: &str,
+    ids: &[&str],
+) -> Result<Vec<T>, sqlx::Error> {
+    let mut rows = Vec::with_capacity(ids.len());
+    let also = if also.is_empty() {
+        String::new()
+    } else {
+        format!(" AND {also}")
+    };
+    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
+        let select = format!(
+            "SELECT {columns} FROM {table} WHERE id IN ({}){also} ORDER BY id{}",
+            Params::of(tx).list(chunk.len()),
+            db.lock_suffix()
+        );
+        let mut q =
+            sqlx::query_scalar::<_, String>(AssertSqlSafe(packed(db.backend(), columns, &select)))
+                .persistent(false);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        rows.extend(unpack::<T>(&q.fetch_one(&mut **tx).await?)?);
+    }
+    Ok(rows)
+}
+
+/// Which of `ids` are the `id` of a row of `table`, read inside `tx`: which
+/// of the rows a statement tried to insert went in, when its count says
+/// not all did.
+pub async fn present(
+    tx: &mut Tx,
+    table: &str,
+    ids: &[&str],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let mut found = std::collections::HashSet::with_capacity(ids.len());
+    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
+        let mut q = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT id FROM {table} WHERE id IN ({})",
+            Params::of(tx).list(chunk.len())
+        )))
+        .persistent(false);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        found.extend(q.fetch_all(&mut **tx).await?);
+    }
+    Ok(found)
+}
+
 /// Most parameters per statement on SQLite. Each statement is two thread
 /// switches through sqlx-sqlite's connection thread, so fewer, larger
 /// statements are cheaper, now that binding is linear (see [`Params`]; with

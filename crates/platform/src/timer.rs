@@ -6,9 +6,13 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use restaurant_contract::now_ms;
+use sqlx::AssertSqlSafe;
 use tokio::sync::Notify;
 
-use crate::shutdown::Shutdown;
+use crate::{
+    db::{Db, packed, unpack},
+    shutdown::Shutdown,
+};
 
 /// Longest sleep between checks; bounds the delay for timers written by
 /// another process (a replica) that cannot wake us.
@@ -42,4 +46,30 @@ where
             _ = shutdown.wait() => {}
         }
     }
+}
+
+/// The ids of up to `limit` rows of `table` in `status` whose `complete_at`
+/// has come by `now`, oldest first: the due timers of a table that keeps
+/// them the usual way. One row back, however many are due (see
+/// [`packed`]).
+pub async fn due(
+    db: &Db,
+    table: &str,
+    status: &str,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    let select = format!(
+        "SELECT id FROM {table} WHERE status = '{status}' AND complete_at IS NOT NULL \
+         AND complete_at <= $1 ORDER BY complete_at, id LIMIT $2"
+    );
+    let json: String = sqlx::query_scalar(AssertSqlSafe(packed(db.backend(), "id", &select)))
+        .bind(now)
+        .bind(limit)
+        .fetch_one(db.reader())
+        .await?;
+    Ok(unpack::<(String,)>(&json)?
+        .into_iter()
+        .map(|(id,)| id)
+        .collect())
 }
