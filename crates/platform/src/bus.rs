@@ -220,9 +220,9 @@ impl Appender {
         // event back through sqlx's row channel to this task, one
         // contended hand-off each (embedded shape under load: 228,319 rows
         // in 10 s, the second-costliest statement after the relays' reads).
-        // The numbers above `before` are free: the write lock is ours from
-        // the first insert, and a writer in another process that took it
-        // between our read and our insert makes the insert fail instead.
+        // The numbers above `before` are free: `Db::begin` took SQLite's
+        // write lock before the read (`BEGIN IMMEDIATE`), so no appender,
+        // in this process or another, can take them until we commit.
         let mut appended: Vec<(i64, &OutgoingEvent)> = Vec::with_capacity(batch.len());
         let mut next = before + 1;
         // One multi-row insert per batch: a few hundred events cost one

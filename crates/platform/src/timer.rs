@@ -48,10 +48,10 @@ where
     }
 }
 
-/// The ids of up to `limit` rows of `table` in `status` whose `complete_at`
-/// has come by `now`, oldest first: the due timers of a table that keeps
-/// them the usual way. One row back, however many are due (see
-/// [`packed`]).
+/// The ids of the (at most `limit`) longest-due rows of `table` in
+/// `status` whose `complete_at` has come by `now`, in no particular order:
+/// the due timers of a table that keeps them the usual way. One row back,
+/// however many are due (see [`packed`]).
 pub async fn due(
     db: &Db,
     table: &str,
