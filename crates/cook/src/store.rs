@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use restaurant_contract::{CookCompleted, OrderLine, now_ms};
 use restaurant_platform::{
     db::{Db, Params, Tx, present, rows_per_statement, select_for_update},
-    timer::due,
+    timer::{due, finish},
 };
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
 
@@ -312,50 +312,31 @@ pub async fn mark_cooked(
     ids: &[String],
     now: i64,
 ) -> Result<Vec<(String, CookCompleted)>, sqlx::Error> {
-    let mut done = Vec::with_capacity(ids.len());
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
-        let cooking: Vec<(String, String, String, String)> = select_for_update(
-            db,
-            tx,
-            "cooks",
-            "id, order_id, restaurant_id, address",
-            "status = 'COOKING'",
-            chunk,
-        )
-        .await?;
-        if cooking.is_empty() {
-            continue;
-        }
-        let mut p = Params::of(tx);
-        let mut q = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE cooks SET status = 'COOKED', complete_at = NULL, updated_at = {} \
-             WHERE id IN ({})",
-            p.one(),
-            p.list(cooking.len())
-        )))
-        .persistent(false)
-        .bind(now);
-        for (id, ..) in &cooking {
-            q = q.bind(id);
-        }
-        q.execute(&mut **tx).await?;
-        done.extend(
-            cooking
-                .into_iter()
-                .map(|(cook_id, order_id, restaurant_id, address)| {
-                    (
-                        order_id,
-                        CookCompleted {
-                            cook_id,
-                            restaurant_id,
-                            address,
-                        },
-                    )
-                }),
-        );
-    }
-    Ok(done)
+    let cooking: Vec<(String, String, String, String)> = select_for_update(
+        db,
+        tx,
+        "cooks",
+        "id, order_id, restaurant_id, address",
+        "status = 'COOKING'",
+        &ids,
+    )
+    .await?;
+    let cooked: Vec<&str> = cooking.iter().map(|(id, ..)| id.as_str()).collect();
+    finish(tx, "cooks", "COOKED", &cooked, now).await?;
+    Ok(cooking
+        .into_iter()
+        .map(|(cook_id, order_id, restaurant_id, address)| {
+            (
+                order_id,
+                CookCompleted {
+                    cook_id,
+                    restaurant_id,
+                    address,
+                },
+            )
+        })
+        .collect())
 }
 
 /// Tickets whose automatic completion is due at `now`.

@@ -205,42 +205,27 @@ async fn complete_in(
     ids: &[String],
     cause: &Cause,
 ) -> Result<(), sqlx::Error> {
-    let now = now_ms();
-    let mut events = Vec::with_capacity(ids.len());
     // Read (locked on PostgreSQL) and then updated, instead of one
     // `UPDATE … RETURNING`, so the rows come back as one (see `db::packed`).
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
-        let delivering: Vec<(String, String)> = select_for_update(
-            db,
-            tx,
-            "deliveries",
-            "id, order_id",
-            "status = 'DELIVERING'",
-            chunk,
-        )
-        .await?;
-        if delivering.is_empty() {
-            continue;
-        }
-        let mut p = Params::of(tx);
-        let mut q = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL, updated_at = {} \
-             WHERE id IN ({})",
-            p.one(),
-            p.list(delivering.len())
-        )))
-        .persistent(false)
-        .bind(now);
-        for (id, _) in &delivering {
-            q = q.bind(id);
-        }
-        q.execute(&mut **tx).await?;
-        for (delivery_id, order_id) in delivering {
+    let delivering: Vec<(String, String)> = select_for_update(
+        db,
+        tx,
+        "deliveries",
+        "id, order_id",
+        "status = 'DELIVERING'",
+        &ids,
+    )
+    .await?;
+    let delivered: Vec<&str> = delivering.iter().map(|(id, _)| id.as_str()).collect();
+    timer::finish(tx, "deliveries", "DELIVERED", &delivered, now_ms()).await?;
+    let events: Vec<Envelope> = delivering
+        .into_iter()
+        .map(|(delivery_id, order_id)| {
             let ev = Event::DeliveryCompleted(DeliveryRef { delivery_id });
-            events.push(Envelope::new(NAME, &order_id, &ev, cause));
-        }
-    }
+            Envelope::new(NAME, &order_id, &ev, cause)
+        })
+        .collect();
     metrics::counter!("deliveries_completed_total").increment(events.len() as u64);
     outbox::append_all(tx, &events).await
 }

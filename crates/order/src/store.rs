@@ -10,31 +10,21 @@ use crate::domain::{Order, OrderStatus};
 const COLUMNS: &str = "id, customer_id, restaurant_id, items, address, status, reason, \
                        cook_id, delivery_id, created_at, updated_at";
 
-fn parse_items(items: &str) -> Result<Vec<OrderLine>, sqlx::Error> {
-    serde_json::from_str(items).map_err(|e| sqlx::Error::Decode(e.into()))
-}
-
-fn parse_status(status: &str) -> Result<OrderStatus, sqlx::Error> {
-    OrderStatus::parse(status)
-        .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))
-}
-
+/// A row read the usual way goes through the same mapping as a packed one.
 fn from_row(r: &AnyRow) -> Result<Order, sqlx::Error> {
-    let items: String = r.try_get(3)?;
-    let status: String = r.try_get(5)?;
-    Ok(Order {
-        id: r.try_get(0)?,
-        customer_id: r.try_get(1)?,
-        restaurant_id: r.try_get(2)?,
-        items: parse_items(&items)?,
-        address: r.try_get(4)?,
-        status: parse_status(&status)?,
-        reason: r.try_get(6)?,
-        cook_id: r.try_get(7)?,
-        delivery_id: r.try_get(8)?,
-        created_at: r.try_get(9)?,
-        updated_at: r.try_get(10)?,
-    })
+    from_packed((
+        r.try_get(0)?,
+        r.try_get(1)?,
+        r.try_get(2)?,
+        r.try_get(3)?,
+        r.try_get(4)?,
+        r.try_get(5)?,
+        r.try_get(6)?,
+        r.try_get(7)?,
+        r.try_get(8)?,
+        r.try_get(9)?,
+        r.try_get(10)?,
+    ))
 }
 
 /// Inserts new orders, many per statement.
@@ -135,9 +125,11 @@ fn from_packed(r: Packed) -> Result<Order, sqlx::Error> {
         id,
         customer_id,
         restaurant_id,
-        items: parse_items(&items)?,
+        items: serde_json::from_str::<Vec<OrderLine>>(&items)
+            .map_err(|e| sqlx::Error::Decode(e.into()))?,
         address,
-        status: parse_status(&status)?,
+        status: OrderStatus::parse(&status)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?,
         reason,
         cook_id,
         delivery_id,

@@ -242,7 +242,7 @@ impl OwnedOutbox {
             return Ok(0);
         }
         rows.sort_unstable_by_key(|r| r.0);
-        let seqs: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        let last_seq = rows.last().map_or(self.published, |r| r.0);
         let batch: Vec<OutgoingEvent> = rows
             .into_iter()
             .map(
@@ -255,7 +255,7 @@ impl OwnedOutbox {
             )
             .collect();
         bus.publish(&batch).await?;
-        self.published = seqs.last().copied().unwrap_or(self.published);
+        self.published = last_seq;
         self.undeleted += batch.len();
         count_relayed(batch.len());
         let since = *self

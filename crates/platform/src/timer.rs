@@ -10,7 +10,7 @@ use sqlx::AssertSqlSafe;
 use tokio::sync::Notify;
 
 use crate::{
-    db::{Db, packed, unpack},
+    db::{Db, Params, Tx, packed, rows_per_statement, unpack},
     shutdown::Shutdown,
 };
 
@@ -72,4 +72,32 @@ pub async fn due(
         .into_iter()
         .map(|(id,)| id)
         .collect())
+}
+
+/// Moves the rows of `table` whose `id` is in `ids` to `status` and clears
+/// their timer (`complete_at`): the end of what [`due`] found, once the
+/// caller has read (and locked) the rows it may finish.
+pub async fn finish(
+    tx: &mut Tx,
+    table: &str,
+    status: &str,
+    ids: &[&str],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    for chunk in ids.chunks(rows_per_statement(tx, 1)) {
+        let mut p = Params::of(tx);
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {table} SET status = '{status}', complete_at = NULL, updated_at = {} \
+             WHERE id IN ({})",
+            p.one(),
+            p.list(chunk.len())
+        )))
+        .persistent(false)
+        .bind(now);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }

@@ -103,6 +103,10 @@ async fn fixture(failures: u32) -> Fixture {
 }
 
 fn placed(customer: &str) -> Envelope {
+    placed_to(customer, "a")
+}
+
+fn placed_to(customer: &str, address: &str) -> Envelope {
     let ev = Event::OrderPlaced(OrderPlaced {
         customer_id: customer.into(),
         restaurant_id: "r".into(),
@@ -110,7 +114,7 @@ fn placed(customer: &str) -> Envelope {
             menu_id: "m".into(),
             qty: 1,
         }],
-        address: "a".into(),
+        address: address.into(),
     });
     Envelope::new(
         "order",
@@ -459,20 +463,9 @@ async fn the_owned_relay_publishes_every_payload_unchanged_in_commit_order() {
     for t in 0..3 {
         let mut tx = f.db.begin().await.unwrap();
         for i in 0..250 {
-            let ev = Event::OrderPlaced(OrderPlaced {
-                customer_id: format!("c{t}-{i}"),
-                restaurant_id: "r".into(),
-                items: vec![OrderLine {
-                    menu_id: "m".into(),
-                    qty: 1,
-                }],
-                address: format!("\"종로\" 1\\2\n\t\u{1}🍜 {i}"),
-            });
-            let env = Envelope::new(
-                "order",
-                &restaurant_contract::new_id(),
-                &ev,
-                &Cause::default(),
+            let env = placed_to(
+                &format!("c{t}-{i}"),
+                &format!("\"종로\" 1\\2\n\t\u{1}🍜 {i}"),
             );
             outbox::append(&mut tx, &env).await.unwrap();
             sent.push(env.to_json());
