@@ -134,7 +134,10 @@ async fn a_late_placement_fills_in_the_customer(mypage: &Db) {
 /// The relay hands the bus each batch in the order it was committed, and a
 /// batch the bus refuses stays in the outbox for the next pass. It reads and
 /// deletes in one statement whose deletion commits only after the publish;
-/// both backends run that statement (PostgreSQL with SKIP LOCKED).
+/// both backends run that statement (PostgreSQL with SKIP LOCKED). Events
+/// appended together share a row and keep their order in it; a line of a
+/// damaged row that is not an envelope is parked, and the row's other
+/// events go on.
 async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: &std::path::Path) {
     let mut emitted = Vec::new();
     for n in [3, 2] {
@@ -146,6 +149,27 @@ async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: 
         }
         tx.commit().await.unwrap();
     }
+    let together: Vec<Envelope> = (0..3).map(|_| placed("t")).collect();
+    let mut tx = order.begin().await.unwrap();
+    outbox::append_all(&mut tx, &together).await.unwrap();
+    tx.commit().await.unwrap();
+    emitted.extend(together.iter().map(|e| e.event_id.clone()));
+    let (before, after) = (placed("d"), placed("d"));
+    sqlx::query("INSERT INTO outbox (events, payload, created_at) VALUES (3, $1, 0)")
+        .bind(format!(
+            "{}\n{{\"eventId\": 7}}\n{}",
+            before.to_json(),
+            after.to_json()
+        ))
+        .execute(order.writer())
+        .await
+        .unwrap();
+    emitted.extend([before.event_id, after.event_id]);
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+        .fetch_one(order.reader())
+        .await
+        .unwrap();
+    assert_eq!(rows, 7, "one row per append");
     let path = dir.join(format!("relay-{}.db", new_id()));
     let closed = EventLog::open(&path, false).await.unwrap();
     closed.close().await;
@@ -154,13 +178,28 @@ async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: 
             .await
             .is_err()
     );
-    assert_eq!(outbox::pending(order).await.unwrap(), 5, "nothing was lost");
+    assert_eq!(
+        outbox::pending(order).await.unwrap(),
+        11,
+        "nothing was lost"
+    );
+    let parked = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT payload FROM dead_letters WHERE consumer = 'outbox' ORDER BY id",
+        )
+        .fetch_all(order.reader())
+        .await
+        .unwrap()
+    };
+    assert!(parked().await.is_empty(), "a refused batch parks nothing");
 
     let log = EventLog::open(&path, false).await.unwrap();
     let bus = Bus::Embedded(log.clone());
-    assert_eq!(outbox::relay_batch(order, &bus).await.unwrap(), 5);
-    assert_eq!(outbox::relay_batch(order, &bus).await.unwrap(), 0);
+    let relayed = outbox::relay_batch(order, &bus).await.unwrap();
+    assert_eq!((relayed.rows, relayed.events), (7, 10));
+    assert_eq!(outbox::relay_batch(order, &bus).await.unwrap().rows, 0);
     assert_eq!(outbox::pending(order).await.unwrap(), 0);
+    assert_eq!(parked().await, vec![r#"{"eventId": 7}"#.to_owned()]);
     let published: Vec<String> = log
         .read_from(0, 100)
         .await
@@ -248,7 +287,7 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
         .await
         .unwrap();
     let bus = Bus::Embedded(log.clone());
-    assert_eq!(outbox::relay_batch(&order, &bus).await.unwrap(), 1);
+    assert_eq!(outbox::relay_batch(&order, &bus).await.unwrap().events, 1);
     assert_eq!(outbox::pending(&order).await.unwrap(), 0);
 
     // Cook: stock read under lock, reserved all or nothing, written back.

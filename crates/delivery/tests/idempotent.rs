@@ -74,18 +74,17 @@ async fn a_cook_completed_applied_again_starts_and_publishes_nothing() {
     );
     // Each names the delivery its order got (the first batch named order
     // a twice, so which of its two inserts went in had to be read back).
-    let started: Vec<(String, String)> =
-        sqlx::query_as("SELECT order_id, payload FROM outbox ORDER BY seq")
-            .fetch_all(db.reader())
-            .await
-            .unwrap();
-    for (order_id, payload) in started {
-        let env = Envelope::from_json(payload.as_bytes()).unwrap();
+    let rows: Vec<String> = sqlx::query_scalar("SELECT payload FROM outbox ORDER BY seq")
+        .fetch_all(db.reader())
+        .await
+        .unwrap();
+    for line in rows.iter().flat_map(|r| r.lines()) {
+        let env = Envelope::from_json(line.as_bytes()).unwrap();
         let Ok(Some(Event::DeliveryStarted(s))) = env.event() else {
-            panic!("not a DeliveryStarted: {payload}");
+            panic!("not a DeliveryStarted: {line}");
         };
         let id: String = sqlx::query_scalar("SELECT id FROM deliveries WHERE order_id = $1")
-            .bind(&order_id)
+            .bind(&env.order_id)
             .fetch_one(db.reader())
             .await
             .unwrap();

@@ -13,19 +13,23 @@ use std::{
 };
 
 use restaurant_contract::{Cause, Envelope, Event, now_ms};
-use sqlx::{AssertSqlSafe, Row, any::AnyRow};
+use sqlx::AssertSqlSafe;
 use tokio::sync::Notify;
 
 use crate::{
     bus::{Bus, OutgoingEvent},
-    db::{self, Backend, Db, Params, Tx, rows_per_statement},
+    db::{Backend, Db, Params, Tx},
     shutdown::Shutdown,
 };
 
-/// Rows moved per relay transaction.
-const RELAY_BATCH: i64 = 512;
+/// Rows moved per relay pass. A row is one appending statement's events:
+/// under load a few to a few hundred, so this bounds a pass (and the memory
+/// it holds) after a backlog, not a pass under load, which finds a handful.
+const RELAY_BATCH: i64 = 16;
+/// The name dead letters parked by the relay carry.
+const RELAY_NAME: &str = "outbox";
 /// How long a woken relay waits for more commits before it moves a batch,
-/// per row its last batch moved, and at most. Under load every batch costs
+/// per event its last batch moved, and at most. Under load every batch costs
 /// an append (a commit on the log's one writer, or a publish) and a delete
 /// (a commit on the service's writer), and so does every consumer's batch
 /// downstream: gathering makes them fewer and larger. Measured, embedded
@@ -39,11 +43,11 @@ const RELAY_BATCH: i64 = 512;
 /// 1,482-1,569/s, p50/p99 41-45/88-92 ms, 5 ms 1,597-1,613/s,
 /// 37-38/73-85 ms). Proportional to the last batch, so that a quiet
 /// system (batches of one) waits half a millisecond, not 5.
-const RELAY_GATHER_PER_ROW: Duration = Duration::from_micros(500);
+const RELAY_GATHER_PER_EVENT: Duration = Duration::from_micros(500);
 const RELAY_GATHER_MAX: Duration = Duration::from_millis(5);
 
 fn gather_for(last_batch: usize) -> Duration {
-    (RELAY_GATHER_PER_ROW * last_batch.min(1_000) as u32).min(RELAY_GATHER_MAX)
+    (RELAY_GATHER_PER_EVENT * last_batch.min(1_000) as u32).min(RELAY_GATHER_MAX)
 }
 /// How long the relay sleeps when nobody wakes it: a safety net for rows
 /// committed by another process (a replica, a CLI) that cannot signal us.
@@ -54,30 +58,28 @@ pub async fn append(tx: &mut Tx, env: &Envelope) -> Result<(), sqlx::Error> {
     append_all(tx, std::slice::from_ref(env)).await
 }
 
-/// Appends many envelopes, many per statement.
+/// Appends many envelopes as one outbox row: their JSON, one per line.
+/// Rows, not bytes, are what the outbox costs (every row is inserted,
+/// read, deleted and vacuumed, with its index entry): one row per event
+/// was 14 of the ~32 tuple operations PostgreSQL did per order.
 pub async fn append_all(tx: &mut Tx, envs: &[Envelope]) -> Result<(), sqlx::Error> {
-    let now = now_ms();
-    for chunk in envs.chunks(rows_per_statement(tx, 5)) {
-        let values = Params::of(tx).rows(chunk.len(), 5);
-        let mut q = sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO outbox (event_id, order_id, event_type, payload, created_at) \
-             VALUES {values}"
-        )))
-        .persistent(false);
-        for env in chunk {
-            q = q
-                .bind(&env.event_id)
-                .bind(&env.order_id)
-                .bind(&env.event_type)
-                .bind(env.to_json())
-                .bind(now);
-        }
-        q.execute(&mut **tx).await?;
-        for env in chunk {
-            metrics::counter!("outbox_appended_total", "type" => env.event_type.clone())
-                .increment(1);
-        }
+    if envs.is_empty() {
+        return Ok(());
     }
+    let mut lines = String::with_capacity(envs.len() * 512);
+    for env in envs {
+        if !lines.is_empty() {
+            lines.push('\n');
+        }
+        lines.push_str(&env.to_json());
+        metrics::counter!("outbox_appended_total", "type" => env.event_type.clone()).increment(1);
+    }
+    sqlx::query("INSERT INTO outbox (events, payload, created_at) VALUES ($1, $2, $3)")
+        .bind(envs.len() as i32)
+        .bind(lines)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -157,10 +159,10 @@ pub async fn run_relay(db: Db, bus: Bus, signal: OutboxSignal, shutdown: Shutdow
             None => relay_batch(&db, &bus).await,
         };
         let last = match pass {
-            Ok(n) if n == RELAY_BATCH as usize => continue,
-            Ok(n) => {
+            Ok(r) if r.rows == RELAY_BATCH as usize => continue,
+            Ok(r) => {
                 failures = 0;
-                n
+                r.events
             }
             Err(e) => {
                 failures += 1;
@@ -195,10 +197,18 @@ pub async fn run_relay(db: Db, bus: Bus, signal: OutboxSignal, shutdown: Shutdow
     }
 }
 
-/// Published rows are deleted together once this many wait or the oldest
-/// has waited this long (or the outbox is found empty).
-const DELETE_AFTER_ROWS: usize = 4_096;
+/// Published rows are deleted together once this many events wait or the
+/// oldest has waited this long (or the outbox is found empty).
+const DELETE_AFTER_EVENTS: usize = 4_096;
 const DELETE_AFTER: Duration = Duration::from_millis(200);
+
+/// What one relay pass moved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    /// Outbox rows: appending statements, each one or more events.
+    pub rows: usize,
+    pub events: usize,
+}
 
 /// The relay of an outbox only it reads (SQLite). It reads past the last
 /// row it published without a transaction, so it never holds the
@@ -220,56 +230,61 @@ pub struct OwnedOutbox {
 }
 
 impl OwnedOutbox {
-    /// Publishes the next batch, returning its size.
-    pub async fn relay(&mut self, db: &Db, bus: &Bus) -> anyhow::Result<usize> {
-        // The batch as one row (see `db::packed`): ~7 rows per order,
-        // payloads included. Alternating 15 s pairs, embedded: 0.497 ->
-        // 0.464 and 0.491 -> 0.454 ms CPU per order, the SQLite threads'
-        // voluntary context switches per order 5.99 -> 4.29 and 5.74 -> 4.14.
-        const COLUMNS: &str = "seq, event_id, order_id, event_type, payload";
-        let json: String = sqlx::query_scalar(AssertSqlSafe(db::packed(
-            Backend::Sqlite,
-            COLUMNS,
-            &format!("SELECT {COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"),
-        )))
-        .bind(self.published)
-        .bind(RELAY_BATCH)
-        .fetch_one(db.reader())
-        .await?;
-        let mut rows: Vec<(i64, String, String, String, String)> = db::unpack(&json)?;
-        if rows.is_empty() {
+    /// Publishes the next batch of rows.
+    pub async fn relay(&mut self, db: &Db, bus: &Bus) -> anyhow::Result<Relayed> {
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT seq, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?")
+                .bind(self.published)
+                .bind(RELAY_BATCH)
+                .fetch_all(db.reader())
+                .await?;
+        let Some(&(last_seq, _)) = rows.last() else {
             self.delete_published(db).await?;
-            return Ok(0);
+            return Ok(Relayed::default());
+        };
+        let (batch, unreadable) = events_of(&rows);
+        if !unreadable.is_empty() {
+            // Parked and taken out of their rows in one transaction, so that
+            // a pass that fails after it does not park them again.
+            let mut tx = db.begin().await?;
+            park(&mut tx, &unreadable).await?;
+            for (seq, _) in rows
+                .iter()
+                .filter(|(seq, _)| unreadable.iter().any(|u| u.seq == *seq))
+            {
+                let kept: Vec<&str> = batch
+                    .iter()
+                    .filter(|e| e.seq == *seq)
+                    .map(|e| e.event.payload.as_str())
+                    .collect();
+                let rewrite = if kept.is_empty() {
+                    sqlx::query("DELETE FROM outbox WHERE seq = ?")
+                } else {
+                    sqlx::query("UPDATE outbox SET events = ?, payload = ? WHERE seq = ?")
+                        .bind(kept.len() as i32)
+                        .bind(kept.join("\n"))
+                };
+                rewrite.bind(seq).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         }
-        rows.sort_unstable_by_key(|r| r.0);
-        let last_seq = rows.last().map_or(self.published, |r| r.0);
-        let batch: Vec<OutgoingEvent> = rows
-            .into_iter()
-            .map(
-                |(_, event_id, order_id, event_type, payload)| OutgoingEvent {
-                    event_id,
-                    order_id,
-                    event_type,
-                    payload,
-                },
-            )
-            .collect();
+        let batch: Vec<OutgoingEvent> = batch.into_iter().map(|e| e.event).collect();
         bus.publish(&batch).await?;
         self.published = last_seq;
-        self.undeleted += batch.len();
-        count_relayed(batch.len());
+        self.undeleted += rows.len();
+        let relayed = count_relayed(rows.len(), batch.len());
         let since = *self
             .waiting_since
             .get_or_insert_with(std::time::Instant::now);
-        if self.undeleted >= DELETE_AFTER_ROWS || since.elapsed() >= DELETE_AFTER {
+        if self.undeleted >= DELETE_AFTER_EVENTS || since.elapsed() >= DELETE_AFTER {
             self.delete_published(db).await?;
         }
-        Ok(batch.len())
+        Ok(relayed)
     }
 
     /// Publishes and deletes everything committed so far.
     pub async fn drain(&mut self, db: &Db, bus: &Bus) -> anyhow::Result<()> {
-        while self.relay(db, bus).await? > 0 {}
+        while self.relay(db, bus).await?.rows > 0 {}
         Ok(())
     }
 
@@ -288,44 +303,101 @@ impl OwnedOutbox {
 }
 
 /// Both relays' instruments for a published batch.
-fn count_relayed(n: usize) {
-    metrics::counter!("outbox_relayed_total").increment(n as u64);
-    metrics::histogram!("outbox_relay_batch_size").record(n as f64);
+fn count_relayed(rows: usize, events: usize) -> Relayed {
+    metrics::counter!("outbox_relayed_total").increment(events as u64);
+    metrics::histogram!("outbox_relay_batch_size").record(events as f64);
+    Relayed { rows, events }
 }
 
-/// The `seq`s and the events of rows read from the outbox.
-fn outgoing(rows: &[AnyRow]) -> Result<(Vec<i64>, Vec<OutgoingEvent>), sqlx::Error> {
-    let mut seqs = Vec::with_capacity(rows.len());
-    let mut batch = Vec::with_capacity(rows.len());
-    for row in rows {
-        seqs.push(row.try_get::<i64, _>(0)?);
-        batch.push(OutgoingEvent {
-            event_id: row.try_get(1)?,
-            order_id: row.try_get(2)?,
-            event_type: row.try_get(3)?,
-            payload: row.try_get(4)?,
-        });
+/// An event read from the outbox row `seq`.
+struct Read {
+    seq: i64,
+    event: OutgoingEvent,
+}
+
+/// A line of the outbox row `seq` that is not an envelope, and why.
+struct Unreadable {
+    seq: i64,
+    line: String,
+    error: String,
+}
+
+/// The events of outbox rows (`seq`, payload), in `seq` order and in
+/// order within a row. Only the envelope's head is decoded, for the bus's
+/// subject and deduplication; the payload goes on as it was written.
+fn events_of(rows: &[(i64, String)]) -> (Vec<Read>, Vec<Unreadable>) {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Head {
+        event_id: String,
+        #[serde(rename = "type")]
+        event_type: String,
+        order_id: String,
     }
-    Ok((seqs, batch))
+    let mut events = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for &(seq, ref payload) in rows {
+        for line in payload.split('\n') {
+            match serde_json::from_str::<Head>(line) {
+                Ok(head) => events.push(Read {
+                    seq,
+                    event: OutgoingEvent {
+                        event_id: head.event_id,
+                        order_id: head.order_id,
+                        event_type: head.event_type,
+                        payload: line.to_owned(),
+                    },
+                }),
+                Err(e) => unreadable.push(Unreadable {
+                    seq,
+                    line: line.to_owned(),
+                    error: format!("outbox line is not an envelope: {e}"),
+                }),
+            }
+        }
+    }
+    (events, unreadable)
 }
 
-/// Publishes one batch in `seq` order and deletes it in one transaction,
-/// returning its size. On PostgreSQL the rows are locked with `SKIP
-/// LOCKED`, so replicas of a service relay disjoint batches. The rows are
-/// deleted as they are read (`DELETE … RETURNING`, one statement where a
-/// read and a delete were two) and the deletion commits only after the bus
-/// has the batch: a failed publish rolls it back.
-pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
+/// Parks lines no relay can publish, so that they never block the rows
+/// behind them. Only a damaged row has any: every line is written by
+/// [`append_all`] from an [`Envelope`].
+async fn park(tx: &mut Tx, unreadable: &[Unreadable]) -> Result<(), sqlx::Error> {
+    for u in unreadable {
+        tracing::error!(error = %u.error, "parking an unreadable outbox line as a dead letter");
+        metrics::counter!("outbox_unreadable_total").increment(1);
+        sqlx::query(
+            "INSERT INTO dead_letters (consumer, payload, error, attempts, parked_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(RELAY_NAME)
+        .bind(&u.line)
+        .bind(&u.error)
+        .bind(1i64)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Publishes one batch of rows in `seq` order and deletes it in one
+/// transaction. On PostgreSQL the rows are locked with `SKIP LOCKED`, so
+/// replicas of a service relay disjoint batches. The rows are deleted as
+/// they are read (`DELETE … RETURNING`, one statement where a read and a
+/// delete were two) and the deletion commits only after the bus has the
+/// batch: a failed publish rolls it back.
+pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<Relayed> {
     let mut tx = db.begin().await?;
     // The limit is a parameter so that PostgreSQL plans each poll for the
     // table as it is (see `Db::open`): a statement without parameters keeps
     // the plan it got first, and a plan made on the empty table of a fresh
     // database is a sequential scan — measured at 3–24 ms a poll once tens of
     // thousands of dead rows await autovacuum.
-    let mut rows = sqlx::query(AssertSqlSafe(format!(
+    let mut rows: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
         "DELETE FROM outbox WHERE seq IN \
          (SELECT seq FROM outbox ORDER BY seq LIMIT {}{}) \
-         RETURNING seq, event_id, order_id, event_type, payload",
+         RETURNING seq, payload",
         Params::of(&tx).one(),
         db.skip_locked_suffix()
     )))
@@ -334,20 +406,21 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<usize> {
     .await?;
     if rows.is_empty() {
         tx.rollback().await?;
-        return Ok(0);
+        return Ok(Relayed::default());
     }
     // RETURNING gives no order; the bus must get them in commit order.
-    rows.sort_by_cached_key(|row| row.try_get::<i64, _>(0).unwrap_or(i64::MAX));
-    let (_, batch) = outgoing(&rows)?;
+    rows.sort_unstable_by_key(|r| r.0);
+    let (batch, unreadable) = events_of(&rows);
+    park(&mut tx, &unreadable).await?;
+    let batch: Vec<OutgoingEvent> = batch.into_iter().map(|e| e.event).collect();
     bus.publish(&batch).await?;
     tx.commit().await?;
-    count_relayed(batch.len());
-    Ok(batch.len())
+    Ok(count_relayed(rows.len(), batch.len()))
 }
 
-/// Rows not yet relayed; exported as a gauge and used by tests.
+/// Events not yet relayed; exported as a gauge and used by tests.
 pub async fn pending(db: &Db) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+    sqlx::query_scalar("SELECT COALESCE(SUM(events), 0) FROM outbox")
         .fetch_one(db.reader())
         .await
 }

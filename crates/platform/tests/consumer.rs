@@ -392,6 +392,16 @@ async fn log_beside(f: &Fixture) -> (EventLog, Bus) {
     (log.clone(), Bus::Embedded(log))
 }
 
+/// The event ids in the log, in its order.
+async fn logged_ids(log: &EventLog) -> Vec<String> {
+    log.read_from(0, 1_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| Envelope::from_json(d.payload.as_bytes()).unwrap().event_id)
+        .collect()
+}
+
 /// Commits `n` new OrderPlaced events to the outbox.
 async fn append_placed(db: &Db, n: usize) {
     let mut tx = db.begin().await.unwrap();
@@ -406,8 +416,8 @@ async fn the_relay_moves_outbox_rows_to_the_log_once() {
     let f = fixture(0).await;
     let (log, bus) = log_beside(&f).await;
     append_placed(&f.db, 3).await;
-    assert_eq!(outbox::relay_batch(&f.db, &bus).await.unwrap(), 3);
-    assert_eq!(outbox::relay_batch(&f.db, &bus).await.unwrap(), 0);
+    assert_eq!(outbox::relay_batch(&f.db, &bus).await.unwrap().events, 3);
+    assert_eq!(outbox::relay_batch(&f.db, &bus).await.unwrap().events, 0);
     assert_eq!(effects(&f.db).await, 0);
     assert_eq!(log.read_from(0, 100).await.unwrap().len(), 3);
 }
@@ -418,7 +428,7 @@ async fn the_owned_relay_deletes_in_bulk_and_a_restart_republishes_nothing_twice
     let (log, bus) = log_beside(&f).await;
     append_placed(&f.db, 3).await;
     let mut relay = outbox::OwnedOutbox::default();
-    assert_eq!(relay.relay(&f.db, &bus).await.unwrap(), 3);
+    assert_eq!(relay.relay(&f.db, &bus).await.unwrap().events, 3);
     assert_eq!(log.read_from(0, 100).await.unwrap().len(), 3);
     assert_eq!(
         effects(&f.db).await,
@@ -429,22 +439,16 @@ async fn the_owned_relay_deletes_in_bulk_and_a_restart_republishes_nothing_twice
     // The process dies here: a new relay starts from the outbox as it is
     // and publishes the three again, which the log keeps once.
     let mut restarted = outbox::OwnedOutbox::default();
-    assert_eq!(restarted.relay(&f.db, &bus).await.unwrap(), 3);
+    assert_eq!(restarted.relay(&f.db, &bus).await.unwrap().events, 3);
     assert_eq!(log.read_from(0, 100).await.unwrap().len(), 3);
     // Finding nothing new, it deletes what it published.
-    assert_eq!(restarted.relay(&f.db, &bus).await.unwrap(), 0);
+    assert_eq!(restarted.relay(&f.db, &bus).await.unwrap().events, 0);
     assert_eq!(effects(&f.db).await, 0);
 
     append_placed(&f.db, 2).await;
     restarted.drain(&f.db, &bus).await.unwrap();
     assert_eq!(effects(&f.db).await, 0, "a drain leaves nothing behind");
-    let ids: Vec<String> = log
-        .read_from(0, 100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|d| Envelope::from_json(d.payload.as_bytes()).unwrap().event_id)
-        .collect();
+    let ids = logged_ids(&log).await;
     assert_eq!(ids.len(), 5);
     assert_eq!(
         ids.iter().collect::<std::collections::HashSet<_>>().len(),
@@ -483,6 +487,53 @@ async fn the_owned_relay_publishes_every_payload_unchanged_in_commit_order() {
         .collect();
     assert_eq!(logged, sent);
     assert_eq!(effects(&f.db).await, 0);
+}
+
+#[tokio::test]
+async fn the_owned_relay_parks_a_damaged_line_once_and_publishes_the_rest_of_its_row() {
+    let f = fixture(0).await;
+    let (log, bus) = log_beside(&f).await;
+    let together: Vec<Envelope> = (0..3).map(|i| placed(&format!("t{i}"))).collect();
+    let mut tx = f.db.begin().await.unwrap();
+    outbox::append_all(&mut tx, &together).await.unwrap();
+    tx.commit().await.unwrap();
+    let good = placed("g");
+    for payload in [format!("{}\n[1, 2", good.to_json()), "not json".to_owned()] {
+        sqlx::query("INSERT INTO outbox (events, payload, created_at) VALUES (1, $1, 0)")
+            .bind(payload)
+            .execute(f.db.writer())
+            .await
+            .unwrap();
+    }
+    let parked = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT payload FROM dead_letters WHERE consumer = 'outbox' ORDER BY id",
+        )
+        .fetch_all(f.db.reader())
+        .await
+        .unwrap()
+    };
+    let mut relay = outbox::OwnedOutbox::default();
+    let relayed = relay.relay(&f.db, &bus).await.unwrap();
+    assert_eq!((relayed.rows, relayed.events), (3, 4));
+    assert_eq!(
+        parked().await,
+        vec!["[1, 2".to_owned(), "not json".to_owned()]
+    );
+
+    // The process dies before the bulk delete: the rows are published again
+    // (the log keeps each event once) and nothing is parked twice.
+    let mut restarted = outbox::OwnedOutbox::default();
+    restarted.drain(&f.db, &bus).await.unwrap();
+    assert_eq!(parked().await.len(), 2);
+    assert_eq!(effects(&f.db).await, 0);
+    let ids = logged_ids(&log).await;
+    let sent: Vec<String> = together
+        .iter()
+        .chain([&good])
+        .map(|e| e.event_id.clone())
+        .collect();
+    assert_eq!(ids, sent, "in commit order, and in order within a row");
 }
 
 async fn wait_for_effects(db: &Db, n: i64) {
