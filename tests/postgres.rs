@@ -1,7 +1,8 @@
 //! The same schema and SQL serve PostgreSQL: every service's migrations run
 //! on a fresh PostgreSQL database (one per service, as deployed), and the
 //! portable queries — stock reservation, row locks, idempotency keys, the
-//! outbox relay with SKIP LOCKED, an idempotent consumer — work there.
+//! outbox relay with SKIP LOCKED, an idempotent consumer, the upgrade of an
+//! outbox that still holds rows — work there.
 //! Where the two backends take different SQL for one behaviour, the case
 //! runs on SQLite here too.
 //!
@@ -35,6 +36,14 @@ struct Databases {
 
 impl Databases {
     async fn create(&mut self, service: &str, m: Migrations) -> Db {
+        let url = self.fresh_url(service).await;
+        let db = Db::connect(&url, &m, DbOptions::default()).await.unwrap();
+        assert_eq!(db.backend(), Backend::Postgres);
+        db
+    }
+
+    /// A new empty database, not yet migrated.
+    async fn fresh_url(&mut self, service: &str) -> String {
         let name = format!("rt_{}_{service}", new_id().replace('-', ""));
         let mut admin = sqlx::AnyConnection::connect(&self.admin)
             .await
@@ -45,11 +54,7 @@ impl Databases {
             .unwrap();
         self.names.push(name.clone());
         let base = self.admin.rsplit_once('/').unwrap().0;
-        let db = Db::connect(&format!("{base}/{name}"), &m, DbOptions::default())
-            .await
-            .unwrap();
-        assert_eq!(db.backend(), Backend::Postgres);
-        db
+        format!("{base}/{name}")
     }
 
     async fn drop_all(self) {
@@ -211,6 +216,77 @@ async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: 
     log.close().await;
 }
 
+/// A database the release before batched outbox rows made, with an event
+/// still in its outbox (one row per event then): after the upgrade's
+/// migrations the relay publishes it as it was written.
+async fn an_outbox_row_from_before_the_upgrade_is_relayed(
+    url: &str,
+    backend: Backend,
+    dir: &std::path::Path,
+) {
+    let folder = match backend {
+        Backend::Postgres => "postgres",
+        Backend::Sqlite => "sqlite",
+    };
+    let all = sqlx::migrate::Migrator::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("crates/platform/migrations")
+            .join(folder),
+    )
+    .await
+    .unwrap();
+    let upgrade = all
+        .migrations
+        .iter()
+        .find(|m| m.description == "outbox batches")
+        .expect("the migration that batches outbox rows")
+        .version;
+    let before = sqlx::migrate::Migrator::with_migrations(
+        all.migrations
+            .iter()
+            .filter(|m| m.version < upgrade)
+            .cloned()
+            .collect(),
+    );
+    let old = sqlx::AnyPool::connect(url).await.unwrap();
+    before.run(&old).await.unwrap();
+    let env = placed("from before");
+    sqlx::query(
+        "INSERT INTO outbox (event_id, order_id, event_type, payload, created_at) \
+         VALUES ($1, $2, $3, $4, 0)",
+    )
+    .bind(&env.event_id)
+    .bind(&env.order_id)
+    .bind(&env.event_type)
+    .bind(env.to_json())
+    .execute(&old)
+    .await
+    .unwrap();
+    old.close().await;
+
+    let db = Db::connect(url, &restaurant_order::migrations(), DbOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(outbox::pending(&db).await.unwrap(), 1);
+    let log = EventLog::open(&dir.join(format!("upgrade-{}.db", new_id())), false)
+        .await
+        .unwrap();
+    let relayed = outbox::relay_batch(&db, &Bus::Embedded(log.clone()))
+        .await
+        .unwrap();
+    assert_eq!((relayed.rows, relayed.events), (1, 1));
+    let logged: Vec<String> = log
+        .read_from(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.payload)
+        .collect();
+    assert_eq!(logged, vec![env.to_json()]);
+    log.close().await;
+    db.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_schema_and_its_queries_run_on_postgresql() {
     sqlx::any::install_default_drivers();
@@ -358,6 +434,14 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     let sqlite = sqlite_in(dir.path(), "order", restaurant_order::migrations()).await;
     the_relay_keeps_commit_order_and_what_the_bus_refused(&sqlite, dir.path()).await;
     sqlite.close().await;
+
+    let url = dbs.fresh_url("upgrade").await;
+    an_outbox_row_from_before_the_upgrade_is_relayed(&url, Backend::Postgres, dir.path()).await;
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("upgrade.db").display()
+    );
+    an_outbox_row_from_before_the_upgrade_is_relayed(&url, Backend::Sqlite, dir.path()).await;
 
     for db in [&order, &cook, &mypage] {
         db.close().await;
