@@ -95,6 +95,16 @@ fn placed(customer: &str) -> Envelope {
     Envelope::new("order", &new_id(), &ev, &Cause::default())
 }
 
+/// The payloads in the log, in its order.
+async fn logged(log: &EventLog) -> Vec<String> {
+    log.read_from(0, 1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.payload)
+        .collect()
+}
+
 /// An event that overtakes its order's placement makes a view without a
 /// customer; the placement, arriving later, fills it in. The two backends
 /// do this by different SQL (on PostgreSQL the upsert joins the customer,
@@ -205,12 +215,10 @@ async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: 
     assert_eq!(outbox::relay_batch(order, &bus).await.unwrap().rows, 0);
     assert_eq!(outbox::pending(order).await.unwrap(), 0);
     assert_eq!(parked().await, vec![r#"{"eventId": 7}"#.to_owned()]);
-    let published: Vec<String> = log
-        .read_from(0, 100)
+    let published: Vec<String> = logged(&log)
         .await
-        .unwrap()
-        .into_iter()
-        .map(|d| Envelope::from_json(d.payload.as_bytes()).unwrap().event_id)
+        .iter()
+        .map(|p| Envelope::from_json(p.as_bytes()).unwrap().event_id)
         .collect();
     assert_eq!(published, emitted);
     log.close().await;
@@ -275,14 +283,7 @@ async fn an_outbox_row_from_before_the_upgrade_is_relayed(
         .await
         .unwrap();
     assert_eq!((relayed.rows, relayed.events), (1, 1));
-    let logged: Vec<String> = log
-        .read_from(0, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.payload)
-        .collect();
-    assert_eq!(logged, vec![env.to_json()]);
+    assert_eq!(logged(&log).await, vec![env.to_json()]);
     log.close().await;
     db.close().await;
 }
@@ -365,6 +366,54 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     let bus = Bus::Embedded(log.clone());
     assert_eq!(outbox::relay_batch(&order, &bus).await.unwrap().events, 1);
     assert_eq!(outbox::pending(&order).await.unwrap(), 0);
+
+    // Placement without keys: orders and their events in one statement,
+    // which commits both or neither.
+    let placing: Vec<(restaurant_order::domain::Order, Envelope)> = (0..3)
+        .map(|_| {
+            let id = new_id();
+            let line = OrderLine {
+                menu_id: "m".into(),
+                qty: 1,
+            };
+            let (o, ev) = NewOrder::parse("one", "r", &[line], "a")
+                .unwrap()
+                .place(id.clone());
+            (o, Envelope::new("order", &id, &ev, &Cause::default()))
+        })
+        .collect();
+    let orders: Vec<_> = placing.iter().map(|(o, _)| o).collect();
+    let events: Vec<Envelope> = placing.iter().map(|(_, e)| e.clone()).collect();
+    let again = [orders[0], orders[1], orders[0]];
+    assert!(
+        store::insert_all_emitting(&order, &again, &events)
+            .await
+            .is_err(),
+        "an order id twice fails the statement"
+    );
+    let customer_orders = || async {
+        store::list_by_customer(&order, "one", 10)
+            .await
+            .unwrap()
+            .len()
+    };
+    assert_eq!(
+        customer_orders().await,
+        0,
+        "no order of the failed statement"
+    );
+    assert_eq!(outbox::pending(&order).await.unwrap(), 0, "nor its events");
+    store::insert_all_emitting(&order, &orders, &events)
+        .await
+        .unwrap();
+    assert_eq!(customer_orders().await, 3);
+    let stored = store::get(&order, &orders[1].id).await.unwrap().unwrap();
+    assert_eq!(&stored, orders[1]);
+    assert_eq!(outbox::pending(&order).await.unwrap(), 3);
+    let relayed = outbox::relay_batch(&order, &bus).await.unwrap();
+    assert_eq!((relayed.rows, relayed.events), (1, 3));
+    let sent: Vec<String> = events.iter().map(Envelope::to_json).collect();
+    assert_eq!(logged(&log).await[1..], sent);
 
     // Cook: stock read under lock, reserved all or nothing, written back.
     use restaurant_cook::{

@@ -15,6 +15,8 @@ use sqlx::{
 };
 
 pub type Tx = sqlx::Transaction<'static, Any>;
+/// A statement being bound, on either backend.
+pub type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -423,7 +425,12 @@ const POSTGRES_PARAMS: usize = 1_024;
 /// How many rows of `columns` values one multi-row statement in `tx` should
 /// carry.
 pub fn rows_per_statement(tx: &Tx, columns: usize) -> usize {
-    let params = match backend_of(tx) {
+    rows_per_statement_on(backend_of(tx), columns)
+}
+
+/// The same for a statement on `backend`.
+pub fn rows_per_statement_on(backend: Backend, columns: usize) -> usize {
+    let params = match backend {
         Backend::Postgres => POSTGRES_PARAMS,
         Backend::Sqlite => SQLITE_PARAMS,
     };

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 
 use crate::{
     bus::{Bus, OutgoingEvent},
-    db::{Backend, Db, Params, Tx},
+    db::{Backend, Db, Params, Query, Tx},
     shutdown::Shutdown,
 };
 
@@ -66,6 +66,27 @@ pub async fn append_all(tx: &mut Tx, envs: &[Envelope]) -> Result<(), sqlx::Erro
     if envs.is_empty() {
         return Ok(());
     }
+    let sql = insert_sql(&mut Params::of(tx));
+    bind_row(sqlx::query(AssertSqlSafe(sql)), envs)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The statement that appends one outbox row, its placeholders taken from
+/// `params`, for a caller that writes it together with its own (see
+/// [`bind_row`]).
+pub fn insert_sql(params: &mut Params) -> String {
+    format!(
+        "INSERT INTO outbox (events, payload, created_at) VALUES ({}, {}, {})",
+        params.one(),
+        params.one(),
+        params.one()
+    )
+}
+
+/// Binds the row of [`insert_sql`] for `envs` (at least one).
+pub fn bind_row<'q>(q: Query<'q>, envs: &[Envelope]) -> Query<'q> {
     let mut lines = String::with_capacity(envs.len() * 512);
     for env in envs {
         if !lines.is_empty() {
@@ -74,13 +95,7 @@ pub async fn append_all(tx: &mut Tx, envs: &[Envelope]) -> Result<(), sqlx::Erro
         lines.push_str(&env.to_json());
         metrics::counter!("outbox_appended_total", "type" => env.event_type.clone()).increment(1);
     }
-    sqlx::query("INSERT INTO outbox (events, payload, created_at) VALUES ($1, $2, $3)")
-        .bind(envs.len() as i32)
-        .bind(lines)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    q.bind(envs.len() as i32).bind(lines).bind(now_ms())
 }
 
 /// Builds the envelope for `event` and appends it; the usual call.
