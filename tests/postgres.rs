@@ -210,8 +210,11 @@ async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: 
 
     let log = EventLog::open(&path, false).await.unwrap();
     let bus = Bus::Embedded(log.clone());
-    let relayed = outbox::relay_batch(order, &bus).await.unwrap();
-    assert_eq!((relayed.rows, relayed.events), (7, 10));
+    // A pass takes at most four rows, however many events they hold.
+    let first = outbox::relay_batch(order, &bus).await.unwrap();
+    assert_eq!((first.rows, first.events), (4, 4));
+    let second = outbox::relay_batch(order, &bus).await.unwrap();
+    assert_eq!((second.rows, second.events), (3, 6));
     assert_eq!(outbox::relay_batch(order, &bus).await.unwrap().rows, 0);
     assert_eq!(outbox::pending(order).await.unwrap(), 0);
     assert_eq!(parked().await, vec![r#"{"eventId": 7}"#.to_owned()]);

@@ -455,7 +455,7 @@ mod tests {
         assert_eq!(gather_for(0), Duration::ZERO);
         assert_eq!(gather_for(1), Duration::from_micros(500));
         assert_eq!(gather_for(40), RELAY_GATHER_MAX);
-        assert_eq!(gather_for(RELAY_BATCH as usize), RELAY_GATHER_MAX);
+        assert_eq!(gather_for(512), RELAY_GATHER_MAX);
         assert_eq!(gather_for(usize::MAX), RELAY_GATHER_MAX);
     }
 
