@@ -37,6 +37,7 @@ cleanup() {
   wait "$pid" 2>/dev/null || true
   if [ -n "$db" ]; then
     psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
+    "$bin" drop-stream --nats-url nats://127.0.0.1:4222 --stream "$db" >/dev/null 2>&1 || true
   fi
   # BENCH_KEEP_LOG=FILE keeps the server's log (e.g. with
   # RUST_LOG=warn,sqlx::query=debug, to count statements).

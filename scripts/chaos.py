@@ -217,9 +217,12 @@ def main():
         subprocess.run(["psql", server, "-qc", f"CREATE DATABASE {name}"], check=True)
         atexit.register(subprocess.run, ["psql", server, "-qc",
                                          f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"])
+        nats = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+        atexit.register(subprocess.run, [binary, "drop-stream", "--nats-url", nats,
+                                         "--stream", name],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shared = ("--database-url", server.rsplit("/", 1)[0] + "/" + name,
-                  "--nats-url", os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
-                  "--stream", name)
+                  "--nats-url", nats, "--stream", name)
     proc, url = start_system(binary, data_dir, shared)
     ok = False
     try:

@@ -204,6 +204,14 @@ enum Command {
         #[arg(long)]
         replay: Option<i64>,
     },
+    /// Delete a JetStream stream with every event in it: for the throwaway
+    /// streams of benchmark and test runs, never for a live system's.
+    DropStream {
+        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        #[arg(long)]
+        stream: String,
+    },
 }
 
 fn print_banner(url: &str) {
@@ -426,6 +434,9 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", String::from_utf8_lossy(&body));
             anyhow::ensure!(status.is_success(), "the service answered {status}");
             Ok(())
+        }
+        Command::DropStream { nats_url, stream } => {
+            restaurant_platform::bus::delete_nats_stream(&nats_url, &stream).await
         }
     }
 }
