@@ -210,11 +210,8 @@ async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: 
 
     let log = EventLog::open(&path, false).await.unwrap();
     let bus = Bus::Embedded(log.clone());
-    // A pass takes at most four rows, however many events they hold.
-    let first = outbox::relay_batch(order, &bus).await.unwrap();
-    assert_eq!((first.rows, first.events), (4, 4));
-    let second = outbox::relay_batch(order, &bus).await.unwrap();
-    assert_eq!((second.rows, second.events), (3, 6));
+    let relayed = outbox::relay_batch(order, &bus).await.unwrap();
+    assert_eq!((relayed.rows, relayed.events), (7, 10));
     assert_eq!(outbox::relay_batch(order, &bus).await.unwrap().rows, 0);
     assert_eq!(outbox::pending(order).await.unwrap(), 0);
     assert_eq!(parked().await, vec![r#"{"eventId": 7}"#.to_owned()]);
@@ -224,6 +221,19 @@ async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: 
         .map(|p| Envelope::from_json(p.as_bytes()).unwrap().event_id)
         .collect();
     assert_eq!(published, emitted);
+
+    // A pass stops at the row that brings it to 1,024 events, taking that
+    // row whole: rows of 1,000, 100 and 1 events go as 1,100, then 1.
+    for n in [1_000, 100, 1] {
+        let envs: Vec<Envelope> = (0..n).map(|_| placed("big")).collect();
+        let mut tx = order.begin().await.unwrap();
+        outbox::append_all(&mut tx, &envs).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let first = outbox::relay_batch(order, &bus).await.unwrap();
+    assert_eq!((first.rows, first.events), (2, 1_100));
+    let second = outbox::relay_batch(order, &bus).await.unwrap();
+    assert_eq!((second.rows, second.events), (1, 1));
     log.close().await;
 }
 

@@ -22,12 +22,19 @@ use crate::{
     shutdown::Shutdown,
 };
 
-/// Rows moved per relay pass. A row is one appending statement's events,
-/// up to a consumer batch's worth (hundreds of events, hundreds of KB), so
-/// this bounds what a pass holds after a backlog. Under load a pass finds
-/// fewer (2.8 rows on average at 1,500 orders/s, distributed): with 16, the
-/// cook service's peak RSS was 22.5-25.1 MiB where it had been 17-19.
-const RELAY_BATCH: i64 = 4;
+/// What one relay pass moves: rows in `seq` order until they hold this
+/// many events (at least one row, however large), and at most this many
+/// rows. A row is one appending statement's events, from one to a
+/// consumer batch's worth (hundreds of KB), so rows alone bound neither
+/// the pass's memory nor its work: with at most 16 rows a pass the cook
+/// service's peak RSS rose from 17-19 to 22.5-25.1 MiB (distributed,
+/// closed loop), and with at most 4 the relays fell behind (MyPage
+/// staleness p50 0.1-0.3 -> 1.6-3.2 s).
+const RELAY_EVENTS: i64 = 1_024;
+const RELAY_ROWS: i64 = 64;
+/// The running count of events that cuts a pass (see [`RELAY_EVENTS`]):
+/// `FROM` a subquery of the candidate rows in `seq` order with `events`.
+const WITHIN_BUDGET: &str = "SUM(events) OVER (ORDER BY seq) - events";
 /// The name dead letters parked by the relay carry.
 const RELAY_NAME: &str = "outbox";
 /// How long a woken relay waits for more commits before it moves a batch,
@@ -176,7 +183,7 @@ pub async fn run_relay(db: Db, bus: Bus, signal: OutboxSignal, shutdown: Shutdow
             None => relay_batch(&db, &bus).await,
         };
         let last = match pass {
-            Ok(r) if r.rows == RELAY_BATCH as usize => continue,
+            Ok(r) if r.rows == RELAY_ROWS as usize || r.events >= RELAY_EVENTS as usize => continue,
             Ok(r) => {
                 failures = 0;
                 r.events
@@ -249,12 +256,17 @@ pub struct OwnedOutbox {
 impl OwnedOutbox {
     /// Publishes the next batch of rows.
     pub async fn relay(&mut self, db: &Db, bus: &Bus) -> anyhow::Result<Relayed> {
-        let rows: Vec<(i64, String)> =
-            sqlx::query_as("SELECT seq, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?")
-                .bind(self.published)
-                .bind(RELAY_BATCH)
-                .fetch_all(db.reader())
-                .await?;
+        let rows: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT seq, payload FROM \
+             (SELECT seq, payload, {WITHIN_BUDGET} AS before FROM \
+              (SELECT seq, payload, events FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?)) \
+             WHERE before < ? ORDER BY seq"
+        )))
+        .bind(self.published)
+        .bind(RELAY_ROWS)
+        .bind(RELAY_EVENTS)
+        .fetch_all(db.reader())
+        .await?;
         let Some(&(last_seq, _)) = rows.last() else {
             self.delete_published(db).await?;
             return Ok(Relayed::default());
@@ -413,14 +425,23 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<Relayed> {
     // the plan it got first, and a plan made on the empty table of a fresh
     // database is a sequential scan — measured at 3–24 ms a poll once tens of
     // thousands of dead rows await autovacuum.
+    // The rows are locked before the running count is taken (PostgreSQL
+    // allows no row locks beside a window function); rows locked but past
+    // the budget stay, locked until this transaction ends.
+    let mut params = Params::of(&tx);
     let mut rows: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
         "DELETE FROM outbox WHERE seq IN \
-         (SELECT seq FROM outbox ORDER BY seq LIMIT {}{}) \
+         (SELECT seq FROM \
+          (SELECT seq, {WITHIN_BUDGET} AS before FROM \
+           (SELECT seq, events FROM outbox ORDER BY seq LIMIT {}{}) AS locked) AS counted \
+          WHERE before < {}) \
          RETURNING seq, payload",
-        Params::of(&tx).one(),
-        db.skip_locked_suffix()
+        params.one(),
+        db.skip_locked_suffix(),
+        params.one()
     )))
-    .bind(RELAY_BATCH)
+    .bind(RELAY_ROWS)
+    .bind(RELAY_EVENTS)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {

@@ -394,7 +394,7 @@ async fn log_beside(f: &Fixture) -> (EventLog, Bus) {
 
 /// The event ids in the log, in its order.
 async fn logged_ids(log: &EventLog) -> Vec<String> {
-    log.read_from(0, 1_000)
+    log.read_from(0, 2_000)
         .await
         .unwrap()
         .iter()
@@ -534,6 +534,25 @@ async fn the_owned_relay_parks_a_damaged_line_once_and_publishes_the_rest_of_its
         .map(|e| e.event_id.clone())
         .collect();
     assert_eq!(ids, sent, "in commit order, and in order within a row");
+}
+
+#[tokio::test]
+async fn an_owned_relay_pass_stops_at_the_row_that_reaches_its_event_budget() {
+    let f = fixture(0).await;
+    let (log, bus) = log_beside(&f).await;
+    for n in [1_000, 100, 1] {
+        let envs: Vec<Envelope> = (0..n).map(|i| placed(&format!("b{i}"))).collect();
+        let mut tx = f.db.begin().await.unwrap();
+        outbox::append_all(&mut tx, &envs).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut relay = outbox::OwnedOutbox::default();
+    let first = relay.relay(&f.db, &bus).await.unwrap();
+    assert_eq!((first.rows, first.events), (2, 1_100));
+    let second = relay.relay(&f.db, &bus).await.unwrap();
+    assert_eq!((second.rows, second.events), (1, 1));
+    assert_eq!(relay.relay(&f.db, &bus).await.unwrap().rows, 0);
+    assert_eq!(logged_ids(&log).await.len(), 1_101);
 }
 
 async fn wait_for_effects(db: &Db, n: i64) {
