@@ -28,8 +28,8 @@ use crate::{
 /// consumer batch's worth (hundreds of KB), so rows alone bound neither
 /// the pass's memory nor its work: with at most 16 rows a pass the cook
 /// service's peak RSS rose from 17-19 to 22.5-25.1 MiB (distributed,
-/// closed loop), and with at most 4 the relays fell behind (MyPage
-/// staleness p50 0.1-0.3 -> 1.6-3.2 s).
+/// closed loop), and at most 4 would cut a pass of small placement rows
+/// to a few events.
 const RELAY_EVENTS: i64 = 1_024;
 const RELAY_ROWS: i64 = 64;
 /// The running count of events that cuts a pass (see [`RELAY_EVENTS`]):
