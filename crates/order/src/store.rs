@@ -1,5 +1,6 @@
 //! The order service's SQL. Every write runs inside a transaction the
-//! caller owns, so the state change and its outbox event commit together.
+//! caller owns, so the state change and its outbox event commit together,
+//! except [`insert_all_emitting`], one statement that writes both.
 
 use restaurant_contract::{Envelope, OrderLine};
 use restaurant_platform::{
@@ -79,9 +80,12 @@ fn bind_all<'q>(mut q: Query<'q>, orders: &[&'q Order]) -> Query<'q> {
     q
 }
 
-/// The most new orders [`insert_all_emitting`] takes in one statement.
+/// The most new orders [`insert_all_emitting`] takes in one statement (a
+/// row fewer than an insert of orders alone: the outbox row's values).
 pub fn emitting_max(db: &Db) -> usize {
     rows_per_statement_on(db.backend(), COLUMN_COUNT)
+        .saturating_sub(1)
+        .max(1)
 }
 
 /// On PostgreSQL: inserts new orders (at most [`emitting_max`]) and appends

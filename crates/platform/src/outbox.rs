@@ -272,7 +272,7 @@ impl OwnedOutbox {
             return Ok(Relayed::default());
         };
         let (batch, unreadable) = events_of(&rows);
-        let read = rows.len();
+        let (read, lines) = (rows.len(), batch.len() + unreadable.len());
         if !unreadable.is_empty() {
             // Parked and taken out of their rows in one transaction, so that
             // a pass that fails after it does not park them again.
@@ -302,7 +302,7 @@ impl OwnedOutbox {
         let batch: Vec<OutgoingEvent> = batch.into_iter().map(|e| e.event).collect();
         bus.publish(&batch).await?;
         self.published = last_seq;
-        self.undeleted += read;
+        self.undeleted += lines;
         let relayed = count_relayed(read, batch.len());
         let since = *self
             .waiting_since
