@@ -37,7 +37,10 @@ cleanup() {
   wait "$pid" 2>/dev/null || true
   if [ -n "$db" ]; then
     psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
-    "$bin" drop-stream --nats-url nats://127.0.0.1:4222 --stream "$db" >/dev/null 2>&1 || true
+    # An older build compared with BIN= may not have drop-stream.
+    for b in "$bin" target/release/restaurant; do
+      "$b" drop-stream --nats-url nats://127.0.0.1:4222 --stream "$db" >/dev/null 2>&1 && break
+    done || echo "could not drop the stream $db" >&2
   fi
   # BENCH_KEEP_LOG=FILE keeps the server's log (e.g. with
   # RUST_LOG=warn,sqlx::query=debug, to count statements).
