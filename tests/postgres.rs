@@ -353,7 +353,7 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     outbox::emit(&mut tx, "order", &o.id, &ev, &Cause::default())
         .await
         .unwrap();
-    let mut locked = store::load_for_update(&order, &mut tx, &o.id)
+    let mut locked = store::load_for_update(&mut tx, &o.id)
         .await
         .unwrap()
         .unwrap();

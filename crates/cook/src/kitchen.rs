@@ -245,7 +245,7 @@ pub async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
     let due = store::due_tickets(&app.ctx.db, now_ms(), BATCH).await?;
     if !due.is_empty() {
         let mut tx = app.ctx.db.begin().await?;
-        let cooked = store::mark_cooked(&app.ctx.db, &mut tx, &due, now_ms()).await?;
+        let cooked = store::mark_cooked(&mut tx, &due, now_ms()).await?;
         let cause = Cause::default();
         let events: Vec<_> = cooked
             .into_iter()

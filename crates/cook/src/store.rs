@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use restaurant_contract::{CookCompleted, OrderLine, now_ms};
 use restaurant_platform::{
-    db::{Db, Params, Tx, present, rows_per_statement, select_for_update},
+    db::{Db, Params, Tx, inserted, rows_per_statement, select_for_update},
     timer::{due, finish},
 };
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
@@ -159,22 +159,15 @@ pub async fn insert_tickets(
                 .bind(t.created_at)
                 .bind(t.updated_at);
         }
-        // Counted, not returned: a `RETURNING` row per ticket is a
-        // contended hand-off per row on SQLite (see `db::packed`). Only
-        // when some order had a ticket already is it worth asking which.
-        let inserted = q.execute(&mut **tx).await?.rows_affected();
-        if inserted == chunk.len() as u64 {
-            claimed.extend(chunk.iter().map(|t| t.order_id.clone()));
-        } else {
-            let ids: Vec<&str> = chunk.iter().map(|t| t.id.as_str()).collect();
-            let inserted = present(tx, "cooks", &ids).await?;
-            claimed.extend(
-                chunk
-                    .iter()
-                    .filter(|t| inserted.contains(&t.id))
-                    .map(|t| t.order_id.clone()),
-            );
-        }
+        let count = q.execute(&mut **tx).await?.rows_affected();
+        let ids: Vec<&str> = chunk.iter().map(|t| t.id.as_str()).collect();
+        let went_in = inserted(tx, "cooks", &ids, count).await?;
+        claimed.extend(
+            chunk
+                .iter()
+                .filter(|t| went_in.contains(&t.id))
+                .map(|t| t.order_id.clone()),
+        );
     }
     Ok(claimed)
 }
@@ -307,14 +300,12 @@ pub async fn ticket(db: &Db, key: TicketKey, value: &str) -> Result<Option<Ticke
 /// one `UPDATE … RETURNING`, so that they come back as one row (see
 /// `db::packed`).
 pub async fn mark_cooked(
-    db: &Db,
     tx: &mut Tx,
     ids: &[String],
     now: i64,
 ) -> Result<Vec<(String, CookCompleted)>, sqlx::Error> {
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let cooking: Vec<(String, String, String, String)> = select_for_update(
-        db,
         tx,
         "cooks",
         "id, order_id, restaurant_id, address",

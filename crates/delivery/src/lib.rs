@@ -4,11 +4,7 @@
 //! status rules, SQL, handlers and wiring, in that order.
 #![forbid(unsafe_code)]
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -20,7 +16,7 @@ use restaurant_contract::{
 };
 use restaurant_platform::{
     consumer::{HandleError, Handler},
-    db::{Db, Migrations, Params, Tx, present, rows_per_statement, select_for_update},
+    db::{Db, Migrations, Params, Tx, inserted, rows_per_statement, select_for_update},
     http::{Json, Path, Problem, Query, RequestContext, required},
     outbox, rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -155,19 +151,14 @@ async fn start_deliveries(
                 .bind(now)
                 .bind(now);
         }
-        // Counted, not returned (see `db::packed`); only when some order was
-        // delivering already is it worth asking which of ours went in.
-        let inserted = q.execute(&mut **tx).await?.rows_affected();
-        let all = inserted == chunk.len() as u64;
-        let went_in = if all {
-            HashSet::new()
-        } else {
+        let count = q.execute(&mut **tx).await?.rows_affected();
+        let went_in = {
             let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-            present(tx, "deliveries", &ids).await?
+            inserted(tx, "deliveries", &ids, count).await?
         };
         let mut started: HashMap<&str, String> = HashMap::with_capacity(chunk.len());
         for (id, (env, _)) in ids.into_iter().zip(chunk) {
-            if all || went_in.contains(&id) {
+            if went_in.contains(&id) {
                 started.insert(&env.order_id, id);
             }
         }
@@ -190,7 +181,7 @@ async fn start_deliveries(
 /// delivered one again changes nothing.
 async fn complete(app: &App, id: &str, cause: &Cause) -> Result<Option<Delivery>, sqlx::Error> {
     let mut tx = app.ctx.db.begin().await?;
-    complete_in(&app.ctx.db, &mut tx, &[id.to_owned()], cause).await?;
+    complete_in(&mut tx, &[id.to_owned()], cause).await?;
     tx.commit().await?;
     app.ctx.outbox.notify();
     find(&app.ctx.db, "id", id).await
@@ -199,17 +190,11 @@ async fn complete(app: &App, id: &str, cause: &Cause) -> Result<Option<Delivery>
 /// Marks the deliveries among `ids` that are on their way as delivered and
 /// publishes their events (a guarded transition: completing twice
 /// publishes once).
-async fn complete_in(
-    db: &Db,
-    tx: &mut Tx,
-    ids: &[String],
-    cause: &Cause,
-) -> Result<(), sqlx::Error> {
+async fn complete_in(tx: &mut Tx, ids: &[String], cause: &Cause) -> Result<(), sqlx::Error> {
     // Read (locked on PostgreSQL) and then updated, instead of one
     // `UPDATE … RETURNING`, so the rows come back as one (see `db::packed`).
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let delivering: Vec<(String, String)> = select_for_update(
-        db,
         tx,
         "deliveries",
         "id, order_id",
@@ -237,7 +222,7 @@ async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
     if !due.is_empty() {
         // Every due delivery in one transaction: one commit for many.
         let mut tx = db.begin().await?;
-        complete_in(db, &mut tx, &due, &Cause::default()).await?;
+        complete_in(&mut tx, &due, &Cause::default()).await?;
         tx.commit().await?;
         app.ctx.outbox.notify();
     }

@@ -53,12 +53,11 @@ impl Handler for OrderEvents {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut orders: HashMap<String, (Order, Order)> =
-            store::load_many_for_update(&self.0.ctx.db, tx, &ids)
-                .await?
-                .into_iter()
-                .map(|o| (o.id.clone(), (o.clone(), o)))
-                .collect();
+        let mut orders: HashMap<String, (Order, Order)> = store::load_many_for_update(tx, &ids)
+            .await?
+            .into_iter()
+            .map(|o| (o.id.clone(), (o.clone(), o)))
+            .collect();
         let mut out = Vec::new();
         for (env, event) in &batch {
             let Some((order, _)) = orders.get_mut(&env.order_id) else {

@@ -215,8 +215,7 @@ async fn place_all(db: &Db, reqs: &[Placement]) -> Result<Vec<Placed>, sqlx::Err
         && reqs.iter().all(|r| r.key.is_none())
     {
         let orders: Vec<&Order> = reqs.iter().map(|r| &r.order).collect();
-        let envs: Vec<Envelope> = reqs.iter().map(|r| r.env.clone()).collect();
-        store::insert_all_emitting(db, &orders, &envs).await?;
+        store::insert_all_emitting(db, &orders, reqs.iter().map(|r| &r.env)).await?;
         metrics::counter!("orders_placed_total").increment(reqs.len() as u64);
         return Ok(reqs
             .iter()
@@ -290,13 +289,12 @@ pub async fn list(
 /// Loads an order for change, applies `change`, saves it and the event it
 /// returns in the caller's transaction.
 async fn change_in(
-    app: &App,
     tx: &mut Tx,
     id: &str,
     cause: &Cause,
     change: impl FnOnce(&mut Order) -> Option<Event>,
 ) -> Result<Option<Order>, sqlx::Error> {
-    let Some(mut order) = store::load_for_update(&app.ctx.db, tx, id).await? else {
+    let Some(mut order) = store::load_for_update(tx, id).await? else {
         return Ok(None);
     };
     let before = order.clone();
@@ -318,7 +316,7 @@ async fn change(
     f: impl FnOnce(&mut Order) -> Option<Event>,
 ) -> Result<Order, Problem> {
     let mut tx = app.ctx.db.begin().await?;
-    let order = change_in(app, &mut tx, id, cause, f)
+    let order = change_in(&mut tx, id, cause, f)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
     tx.commit().await?;

@@ -93,10 +93,10 @@ pub fn emitting_max(db: &Db) -> usize {
 /// itself. A transaction of the same two inserts is four round trips to
 /// the server (`BEGIN`, two statements, `COMMIT`), each waiting for a core
 /// on a busy machine; this is one.
-pub async fn insert_all_emitting(
+pub async fn insert_all_emitting<'e>(
     db: &Db,
     orders: &[&Order],
-    events: &[Envelope],
+    events: impl IntoIterator<Item = &'e Envelope>,
 ) -> Result<(), sqlx::Error> {
     let mut params = Params::for_db(db);
     let values = params.rows(orders.len(), COLUMN_COUNT);
@@ -118,15 +118,11 @@ pub async fn update(tx: &mut Tx, o: &Order) -> Result<(), sqlx::Error> {
 
 /// Loads (and on PostgreSQL locks, in id order so replicas cannot
 /// deadlock) every order in `ids`.
-pub async fn load_many_for_update(
-    db: &Db,
-    tx: &mut Tx,
-    ids: &[&str],
-) -> Result<Vec<Order>, sqlx::Error> {
+pub async fn load_many_for_update(tx: &mut Tx, ids: &[&str]) -> Result<Vec<Order>, sqlx::Error> {
     // Packed into one row (see `db::packed`): the order consumer reads a
     // few hundred orders a batch while it holds the order database's one
     // SQLite writer, which placements wait for.
-    select_for_update::<Packed>(db, tx, "orders", COLUMNS, "", ids)
+    select_for_update::<Packed>(tx, "orders", COLUMNS, "", ids)
         .await?
         .into_iter()
         .map(from_packed)
@@ -180,8 +176,8 @@ fn from_packed(r: Packed) -> Result<Order, sqlx::Error> {
 }
 
 /// Loads an order to change it, locking its row until commit.
-pub async fn load_for_update(db: &Db, tx: &mut Tx, id: &str) -> Result<Option<Order>, sqlx::Error> {
-    Ok(load_many_for_update(db, tx, &[id]).await?.pop())
+pub async fn load_for_update(tx: &mut Tx, id: &str) -> Result<Option<Order>, sqlx::Error> {
+    Ok(load_many_for_update(tx, &[id]).await?.pop())
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<Option<Order>, sqlx::Error> {

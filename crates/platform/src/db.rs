@@ -24,6 +24,16 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// See [`Db::lock_suffix`].
+    fn lock_suffix(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
+    }
+}
+
 /// A service's migrations in both dialects (same schema, same versions).
 pub struct Migrations {
     pub sqlite: Migrator,
@@ -300,10 +310,7 @@ impl Db {
     /// Appended to a `SELECT` that must lock the rows it reads until commit.
     /// SQLite needs none: its single writer connection serialises writers.
     pub fn lock_suffix(&self) -> &'static str {
-        match self.backend {
-            Backend::Sqlite => "",
-            Backend::Postgres => " FOR UPDATE",
-        }
+        self.backend.lock_suffix()
     }
 
     /// Like [`Db::lock_suffix`], skipping rows another replica holds.
@@ -358,7 +365,6 @@ pub fn unpack<T: serde::de::DeserializeOwned>(json: &str) -> Result<Vec<T>, sqlx
 /// SQLite the transaction holds the one writer already. [`packed`] into
 /// one row per statement, and decoded as `T`s (see [`unpack`]).
 pub async fn select_for_update<T: serde::de::DeserializeOwned>(
-    db: &Db,
     tx: &mut Tx,
     table: &str,
     columns: &str,
@@ -371,14 +377,15 @@ pub async fn select_for_update<T: serde::de::DeserializeOwned>(
     } else {
         format!(" AND {also}")
     };
+    let backend = backend_of(tx);
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
         let select = format!(
             "SELECT {columns} FROM {table} WHERE id IN ({}){also} ORDER BY id{}",
             Params::of(tx).list(chunk.len()),
-            db.lock_suffix()
+            backend.lock_suffix()
         );
         let mut q =
-            sqlx::query_scalar::<_, String>(AssertSqlSafe(packed(db.backend(), columns, &select)))
+            sqlx::query_scalar::<_, String>(AssertSqlSafe(packed(backend, columns, &select)))
                 .persistent(false);
         for id in chunk {
             q = q.bind(*id);
@@ -388,14 +395,36 @@ pub async fn select_for_update<T: serde::de::DeserializeOwned>(
     Ok(rows)
 }
 
-/// Which of `ids` are the `id` of a row of `table`, read inside `tx`: which
-/// of the rows a statement tried to insert went in, when its count says
-/// not all did.
-pub async fn present(
+/// Which rows of an `INSERT … ON CONFLICT DO NOTHING` went in.
+#[derive(Debug)]
+pub enum Inserted {
+    All,
+    Only(std::collections::HashSet<String>),
+}
+
+impl Inserted {
+    pub fn contains(&self, id: &str) -> bool {
+        match self {
+            Inserted::All => true,
+            Inserted::Only(ids) => ids.contains(id),
+        }
+    }
+}
+
+/// Which of the rows with `ids` that a statement tried to insert into
+/// `table` went in, given the count it reported (`rows_affected`): all,
+/// or, only when some did not, those found by their `id` inside `tx`.
+/// Counting instead of `RETURNING` saves a row back per insert, which on
+/// SQLite is a contended hand-off each (see [`packed`]).
+pub async fn inserted(
     tx: &mut Tx,
     table: &str,
     ids: &[&str],
-) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    count: u64,
+) -> Result<Inserted, sqlx::Error> {
+    if count == ids.len() as u64 {
+        return Ok(Inserted::All);
+    }
     let mut found = std::collections::HashSet::with_capacity(ids.len());
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
         let mut q = sqlx::query_scalar(AssertSqlSafe(format!(
@@ -408,7 +437,7 @@ pub async fn present(
         }
         found.extend(q.fetch_all(&mut **tx).await?);
     }
-    Ok(found)
+    Ok(Inserted::Only(found))
 }
 
 /// Most parameters per statement on SQLite. Each statement is two thread

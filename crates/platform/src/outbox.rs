@@ -95,16 +95,19 @@ pub fn insert_sql(params: &mut Params) -> String {
 }
 
 /// Binds the row of [`insert_sql`] for `envs` (at least one).
-pub fn bind_row<'q>(q: Query<'q>, envs: &[Envelope]) -> Query<'q> {
-    let mut lines = String::with_capacity(envs.len() * 512);
+pub fn bind_row<'q, 'e>(q: Query<'q>, envs: impl IntoIterator<Item = &'e Envelope>) -> Query<'q> {
+    let envs = envs.into_iter();
+    let mut lines = String::with_capacity(envs.size_hint().0 * 512);
+    let mut events = 0i32;
     for env in envs {
-        if !lines.is_empty() {
+        if events > 0 {
             lines.push('\n');
         }
         lines.push_str(&env.to_json());
+        events += 1;
         metrics::counter!("outbox_appended_total", "type" => env.event_type.clone()).increment(1);
     }
-    q.bind(envs.len() as i32).bind(lines).bind(now_ms())
+    q.bind(events).bind(lines).bind(now_ms())
 }
 
 /// Builds the envelope for `event` and appends it; the usual call.
