@@ -380,6 +380,7 @@ fn events_of(rows: &[(i64, String)]) -> (Vec<Read>, Vec<Unreadable>) {
                         order_id: head.order_id,
                         event_type: head.event_type,
                         payload: line.to_owned(),
+                        row: seq,
                     },
                 }),
                 Err(e) => unreadable.push(Unreadable {

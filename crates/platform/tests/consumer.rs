@@ -246,12 +246,7 @@ async fn an_event_parked_after_exhausting_retries_can_be_replayed() {
 }
 
 fn outgoing(env: &Envelope) -> OutgoingEvent {
-    OutgoingEvent {
-        event_id: env.event_id.clone(),
-        order_id: env.order_id.clone(),
-        event_type: env.event_type.clone(),
-        payload: env.to_json(),
-    }
+    OutgoingEvent::new(env, 0)
 }
 
 #[tokio::test]
@@ -742,4 +737,47 @@ async fn a_lingering_consumer_takes_a_trickle_in_few_batches() {
     assert_eq!(handler.events.load(Ordering::SeqCst), 31, "each event once");
     let batches = handler.batches.load(Ordering::SeqCst);
     assert!((2..=5).contains(&batches), "31 events in {batches} batches");
+}
+
+/// On JetStream a message carries the events of one outbox row (see
+/// `bus::messages_of`): a line that cannot be applied is parked by itself,
+/// one that fails once is retried by itself, and the rest of the message is
+/// applied once, though the row is published twice and one of its events
+/// comes again in another message. Needs NATS at `NATS_URL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_a_packed_messages_bad_line_is_parked_and_the_rest_applied_once() {
+    let f = fixture(0).await;
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let stream = format!("rt_{}", restaurant_contract::new_id().replace('-', ""));
+    let bus = Bus::Nats(Box::new(
+        restaurant_platform::bus::NatsBus::connect(&url, &stream)
+            .await
+            .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh"),
+    ));
+    let alice = placed("alice");
+    let row: Vec<OutgoingEvent> = [
+        alice.clone(),
+        placed("poison"),
+        placed("flaky"),
+        placed("bob"),
+    ]
+    .iter()
+    .map(|env| OutgoingEvent::new(env, 1))
+    .collect();
+    bus.publish(&row).await.unwrap();
+    bus.publish(&row).await.unwrap();
+    let again = [
+        OutgoingEvent::new(&alice, 2),
+        OutgoingEvent::new(&placed("carol"), 2),
+    ];
+    bus.publish(&again).await.unwrap();
+    // alice, flaky, bob, carol.
+    run_until_settled(&f, &bus, 4).await;
+    assert_eq!(effects(&f.db).await, 4);
+    let parked = f.consumer.dead_letters().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert!(parked[0].payload.contains("poison"), "{parked:?}");
+    restaurant_platform::bus::delete_nats_stream(&url, &stream)
+        .await
+        .unwrap();
 }

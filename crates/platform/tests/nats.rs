@@ -19,13 +19,11 @@ fn event(kind: &str) -> OutgoingEvent {
         _ => Event::OrderCancelled(Reason { reason: "c".into() }),
     };
     let env = Envelope::new("test", &new_id(), &ev, &Cause::default());
-    OutgoingEvent {
-        event_id: env.event_id.clone(),
-        order_id: env.order_id.clone(),
-        event_type: env.event_type.clone(),
-        payload: env.to_json(),
-    }
+    // Each its own outbox row: one message each.
+    OutgoingEvent::new(&env, ROW.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
+
+static ROW: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_is_idempotent_and_consumers_resume_where_they_acked() {
@@ -76,5 +74,109 @@ async fn publish_is_idempotent_and_consumers_resume_where_they_acked() {
         .collect();
     assert_eq!(ids, vec![c.event_id]);
     sub.ack(&batch).await.unwrap();
+    delete_nats_stream(&url(), &stream).await.unwrap();
+}
+
+/// Events written in one outbox row as `row`.
+fn in_row(row: i64, kinds: &[&str]) -> Vec<OutgoingEvent> {
+    kinds
+        .iter()
+        .map(|kind| OutgoingEvent { row, ..event(kind) })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rows_events_travel_packed_and_a_message_is_acked_only_when_all_are_handled() {
+    let stream = format!("rt_{}", new_id().replace('-', ""));
+    let bus = Bus::Nats(Box::new(NatsBus::connect(&url(), &stream).await.expect(
+        "NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh",
+    )));
+    let js = async_nats::jetstream::new(async_nats::connect(url()).await.unwrap());
+    let mut batch = in_row(
+        1,
+        &[
+            "OrderRejected",
+            "OrderCancelled",
+            "OrderRejected",
+            "OrderRejected",
+        ],
+    );
+    batch.extend(in_row(2, &["OrderRejected"]));
+    bus.publish(&batch).await.unwrap();
+    // A relay publishing the rows again (its pass cut differently: the
+    // second row alone) adds nothing: the packing is the row's own.
+    bus.publish(&batch).await.unwrap();
+    bus.publish(&batch[4..]).await.unwrap();
+    let mut info = js.get_stream(&stream).await.unwrap();
+    // Row 1: its three rejections, its cancellation; row 2: one.
+    assert_eq!(info.info().await.unwrap().state.messages, 3);
+
+    const TYPES: &[&str] = &["OrderRejected"];
+    let mut sub = bus.subscribe("c", TYPES).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let next = sub.next_batch(10, Duration::from_secs(5)).await.unwrap();
+        assert!(!next.is_empty(), "timed out; got {}", got.len());
+        got.extend(next);
+    }
+    let ids: Vec<String> = got
+        .iter()
+        .map(|d| Envelope::from_json(d.payload.as_bytes()).unwrap().event_id)
+        .collect();
+    let rejected: Vec<String> = [0, 2, 3, 4]
+        .iter()
+        .map(|&i| batch[i].event_id.clone())
+        .collect();
+    assert_eq!(ids, rejected, "each event delivered by itself, in order");
+    assert_eq!(got[0].position, got[2].position, "one message");
+    assert_ne!(got[2].position, got[3].position);
+
+    // Acks are not answered; the server takes a connection's messages in
+    // order, so once a later ack shows, every earlier one has been taken.
+    let settled = |want: usize| {
+        let (js, stream) = (js.clone(), stream.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let mut c: async_nats::jetstream::consumer::PullConsumer = js
+                    .get_consumer_from_stream("c-OrderRejected", &stream)
+                    .await
+                    .unwrap();
+                let pending = c.info().await.unwrap().num_ack_pending;
+                if pending <= want || tokio::time::Instant::now() > deadline {
+                    return pending;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(settled(2).await, 2);
+    // Two of the first message's three events handled: it stays pending,
+    // to be delivered again whole (its handled events as duplicates),
+    // while the second message, handled, is acknowledged.
+    sub.ack(&got[..2]).await.unwrap();
+    sub.ack(&got[3..]).await.unwrap();
+    assert_eq!(settled(1).await, 1);
+    sub.ack(&got[2..3]).await.unwrap();
+    assert_eq!(settled(0).await, 0);
+
+    // A replay hands out every event by itself too, in stream order.
+    let mut replay = bus.replay(0).await.unwrap();
+    let mut replayed = Vec::new();
+    loop {
+        let next = replay.next_batch(100).await.unwrap();
+        if next.is_empty() {
+            break;
+        }
+        replayed.extend(
+            next.iter()
+                .map(|d| Envelope::from_json(d.payload.as_bytes()).unwrap().event_id),
+        );
+    }
+    let in_stream_order: Vec<String> = [0, 2, 3, 1, 4]
+        .iter()
+        .map(|&i| batch[i].event_id.clone())
+        .collect();
+    assert_eq!(replayed, in_stream_order);
     delete_nats_stream(&url(), &stream).await.unwrap();
 }
