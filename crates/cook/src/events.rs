@@ -14,6 +14,11 @@ pub struct KitchenEvents(pub App);
 
 impl Handler for KitchenEvents {
     const TYPES: &'static [&'static str] = &["OrderPlaced", "OrderCancelRequested"];
+    /// An order is claimed by its first ticket (UNIQUE order_id): placed
+    /// again, it finds its ticket, reserves nothing and publishes nothing
+    /// (tests/idempotent.rs). A cancel request stays recorded: refused
+    /// again, it would publish its refusal again.
+    const IDEMPOTENT_TYPES: &'static [&'static str] = &["OrderPlaced"];
 
     /// Runs of placed orders are taken set-wise; a cancel request in
     /// between is applied in its place, so the batch keeps log order.

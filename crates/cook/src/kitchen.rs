@@ -54,11 +54,11 @@ pub async fn take_orders(
         .collect();
     let mut claimed = store::insert_tickets(tx, &tickets).await?;
     let mut taken = Vec::with_capacity(tickets.len());
-    for t in tickets {
+    for (t, (env, _)) in tickets.into_iter().zip(orders) {
         // An order seen before (redelivered, or cancelled before it came)
         // reserves nothing; each order id is claimed by its first ticket.
         if claimed.remove(&t.order_id) {
-            taken.push(t);
+            taken.push((t, env));
         } else {
             store::fill_placeholder(tx, &t).await?;
         }
@@ -66,12 +66,15 @@ pub async fn take_orders(
     if taken.is_empty() {
         return Ok(());
     }
-    let restaurants: BTreeSet<&str> = taken.iter().map(|t| t.restaurant_id.as_str()).collect();
+    let restaurants: BTreeSet<&str> = taken
+        .iter()
+        .map(|(t, _)| t.restaurant_id.as_str())
+        .collect();
     let mut stock = store::stock_for_update(&app.ctx.db, tx, &restaurants).await?;
     let before = stock.clone();
     let mut events = Vec::with_capacity(taken.len() * 2);
     let (mut accepted, mut rejected) = (0u64, 0u64);
-    for (mut t, (env, _)) in taken.into_iter().zip(orders) {
+    for (mut t, env) in taken {
         let cause = env.as_cause();
         let menu = stock.entry(t.restaurant_id.clone()).or_default();
         let mut event = |e: Event| events.push(Envelope::new(crate::NAME, &t.order_id, &e, &cause));

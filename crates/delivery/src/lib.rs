@@ -245,7 +245,7 @@ impl Handler for DeliveryEvents {
     const TYPES: &'static [&'static str] = &["CookCompleted"];
     /// One delivery per order (UNIQUE order_id): a second CookCompleted
     /// inserts nothing and so publishes nothing.
-    const IDEMPOTENT: bool = true;
+    const IDEMPOTENT_TYPES: &'static [&'static str] = Self::TYPES;
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
         self.handle_batch(tx, vec![(env.clone(), event)]).await

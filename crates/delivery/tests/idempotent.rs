@@ -1,4 +1,4 @@
-//! The delivery consumer keeps no dedup records (`Handler::IDEMPOTENT`):
+//! The delivery consumer keeps no dedup records (`Handler::IDEMPOTENT_TYPES`):
 //! that is sound only because a CookCompleted applied again — in the same
 //! batch, in a later one, after the delivery finished — starts nothing and
 //! publishes nothing.

@@ -317,7 +317,7 @@ impl Handler for MyPageEvents {
     const TYPES: &'static [&'static str] = Event::TYPES;
     /// A view is a join of facts: an event applied again, in any order,
     /// changes nothing (`projection::tests`, permutations and duplicates).
-    const IDEMPOTENT: bool = true;
+    const IDEMPOTENT_TYPES: &'static [&'static str] = Self::TYPES;
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
         project_batch(tx, "views", &[(env.clone(), event)]).await?;

@@ -27,6 +27,21 @@ impl Handler for OrderEvents {
         "DeliveryCompleted",
     ];
 
+    /// Each moves an order only into states it never leaves again (cook
+    /// and delivery ids are set once; DELIVERING, DELIVERED and CANCELLED
+    /// are never left for a state these events act on), so applied again,
+    /// at any later point, it changes nothing and publishes nothing
+    /// (`domain::tests`, a property test). StockChecked and
+    /// CookCancelRefused stay recorded: ACCEPTED and CANCEL_PENDING follow
+    /// each other as customers ask to cancel, so a refusal applied again
+    /// could undo a later request.
+    const IDEMPOTENT_TYPES: &'static [&'static str] = &[
+        "CookStarted",
+        "CookCancelled",
+        "DeliveryStarted",
+        "DeliveryCompleted",
+    ];
+
     /// Nobody waits on this consumer: the kitchen and the couriers go on
     /// from their own events and MyPage projects every event itself; what
     /// lags is the order row (`GET /orders/{id}`) and `OrderRejected` /

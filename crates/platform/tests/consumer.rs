@@ -739,6 +739,25 @@ async fn a_lingering_consumer_takes_a_trickle_in_few_batches() {
     assert!((2..=5).contains(&batches), "31 events in {batches} batches");
 }
 
+fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A bus on a fresh JetStream stream, and the stream's name.
+async fn nats_bus() -> (Bus, String) {
+    let stream = format!("rt_{}", restaurant_contract::new_id().replace('-', ""));
+    let bus = restaurant_platform::bus::NatsBus::connect(&nats_url(), &stream)
+        .await
+        .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh");
+    (Bus::Nats(Box::new(bus)), stream)
+}
+
+async fn drop_stream(stream: &str) {
+    restaurant_platform::bus::delete_nats_stream(&nats_url(), stream)
+        .await
+        .unwrap();
+}
+
 /// On JetStream a message carries the events of one outbox row (see
 /// `bus::messages_of`): a line that cannot be applied is parked by itself,
 /// one that fails once is retried by itself, and the rest of the message is
@@ -747,13 +766,7 @@ async fn a_lingering_consumer_takes_a_trickle_in_few_batches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_jetstream_a_packed_messages_bad_line_is_parked_and_the_rest_applied_once() {
     let f = fixture(0).await;
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let stream = format!("rt_{}", restaurant_contract::new_id().replace('-', ""));
-    let bus = Bus::Nats(Box::new(
-        restaurant_platform::bus::NatsBus::connect(&url, &stream)
-            .await
-            .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh"),
-    ));
+    let (bus, stream) = nats_bus().await;
     let alice = placed("alice");
     let row: Vec<OutgoingEvent> = [
         alice.clone(),
@@ -777,7 +790,102 @@ async fn on_jetstream_a_packed_messages_bad_line_is_parked_and_the_rest_applied_
     let parked = f.consumer.dead_letters().await.unwrap();
     assert_eq!(parked.len(), 1);
     assert!(parked[0].payload.contains("poison"), "{parked:?}");
-    restaurant_platform::bus::delete_nats_stream(&url, &stream)
-        .await
-        .unwrap();
+    drop_stream(&stream).await;
+}
+
+/// Counts the events it applies by id; declares cancellations idempotent.
+#[derive(Default)]
+struct PartlyIdempotent {
+    applied: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl Handler for PartlyIdempotent {
+    const TYPES: &'static [&'static str] = &["OrderPlaced", "OrderCancelled"];
+    const IDEMPOTENT_TYPES: &'static [&'static str] = &["OrderCancelled"];
+
+    async fn handle(&self, _: &mut Tx, env: &Envelope, _: Event) -> Result<(), HandleError> {
+        *self
+            .applied
+            .lock()
+            .unwrap()
+            .entry(env.event_id.clone())
+            .or_default() += 1;
+        Ok(())
+    }
+}
+
+/// Only the types a handler does not declare idempotent are recorded:
+/// delivered again (one by one, and in batches on JetStream, where the
+/// records are what deduplicates), those are dropped and the others
+/// applied again, which their handler has to make harmless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_events_of_types_not_declared_idempotent_are_recorded() {
+    let f = fixture(0).await;
+    let handler = Arc::new(PartlyIdempotent::default());
+    let consumer = Arc::new(Consumer::new(
+        "partly",
+        f.db.clone(),
+        handler.clone(),
+        OutboxSignal::default(),
+    ));
+    let cancelled = Envelope::new(
+        "order",
+        "o1",
+        &Event::OrderCancelled(Reason { reason: "r".into() }),
+        &Cause::default(),
+    );
+    let placed = placed("alice");
+    let stop = Shutdown::new();
+    for env in [&placed, &cancelled, &placed, &cancelled] {
+        let outcome = consumer.offer(&env.to_json(), &stop).await;
+        assert!(matches!(
+            outcome,
+            Some(Outcome::Applied | Outcome::Duplicate)
+        ));
+    }
+    let times = |env: &Envelope| handler.applied.lock().unwrap()[&env.event_id];
+    assert_eq!((times(&placed), times(&cancelled)), (1, 2));
+    assert_eq!(count(&f.db, "processed_events").await, 1);
+
+    // The batch path, on JetStream: the events again in a second row,
+    // packed with others, so that the server delivers them twice (a
+    // message of one row's events is not a duplicate of another's).
+    let (bus, stream) = nats_bus().await;
+    let cancel = |order: &str| {
+        Envelope::new(
+            "order",
+            order,
+            &Event::OrderCancelled(Reason { reason: "r".into() }),
+            &Cause::default(),
+        )
+    };
+    let (placed, cancelled) = (placed_to("bob", "b"), cancel("o2"));
+    let (other_placed, other_cancelled) = (placed_to("carol", "c"), cancel("o3"));
+    bus.publish(&[
+        OutgoingEvent::new(&placed, 1),
+        OutgoingEvent::new(&cancelled, 1),
+    ])
+    .await
+    .unwrap();
+    bus.publish(&[
+        OutgoingEvent::new(&placed, 2),
+        OutgoingEvent::new(&other_placed, 2),
+        OutgoingEvent::new(&cancelled, 2),
+        OutgoingEvent::new(&other_cancelled, 2),
+    ])
+    .await
+    .unwrap();
+    let run = tokio::spawn(consumer.clone().run(bus.clone(), stop.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while handler.applied.lock().unwrap().len() < 6 {
+        assert!(tokio::time::Instant::now() < deadline, "not applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.trigger();
+    run.await.unwrap();
+    assert_eq!(times(&placed), 1, "the recorded type is applied once");
+    assert_eq!(times(&other_placed), 1);
+    assert_eq!(count(&f.db, "processed_events").await, 3);
+    drop_stream(&stream).await;
 }
