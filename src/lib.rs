@@ -196,7 +196,7 @@ pub async fn open_bus(cfg: &UpConfig) -> anyhow::Result<(Bus, Option<EventLog>)>
     match &cfg.nats_url {
         Some(url) => {
             let nats = NatsBus::connect(url, &cfg.stream).await?;
-            Ok((Bus::Nats(Box::new(nats)), None))
+            Ok((Bus::Nats(std::sync::Arc::new(nats)), None))
         }
         None => {
             let log = EventLog::open(&cfg.data_dir.join("events.db"), cfg.fsync)

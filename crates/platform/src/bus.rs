@@ -64,7 +64,9 @@ pub struct Delivery {
 #[derive(Clone, Debug)]
 pub enum Bus {
     Embedded(EventLog),
-    Nats(Box<NatsBus>),
+    /// Shared: every request clones its service's context, and a boxed
+    /// bus was an allocation, a client and a string cloned each time.
+    Nats(Arc<NatsBus>),
 }
 
 impl Bus {

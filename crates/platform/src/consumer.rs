@@ -665,7 +665,9 @@ impl<H: Handler> Consumer<H> {
         rows.iter().map(DeadLetter::from_row).collect()
     }
 
-    /// Offers a parked event again, then removes it. If it fails again it
+    /// Offers a parked event again, then removes it; the outcome is
+    /// `Parked` if any event of it was parked again, else `Applied` if any
+    /// was applied. If it fails again it
     /// is parked anew (with the new error) before the old row goes, and a
     /// crash in between leaves the old row to be replayed as a duplicate:
     /// at no point is the event in neither place.
@@ -679,7 +681,20 @@ impl<H: Handler> Consumer<H> {
         let Some(payload) = payload else {
             return Ok(None);
         };
-        let outcome = self.offer(&payload, &Shutdown::new()).await;
+        // A JetStream message of several events (JSON lines), parked whole
+        // by a build from before messages carried more than one (during a
+        // rolling upgrade), is offered event by event: each is applied, or
+        // parked by itself, before the old row goes.
+        let stop = Shutdown::new();
+        let mut outcome = None;
+        for line in payload.split('\n') {
+            let offered = self.offer(line, &stop).await;
+            outcome = match (outcome, offered) {
+                (Some(Outcome::Parked), _) | (_, Some(Outcome::Parked)) => Some(Outcome::Parked),
+                (Some(Outcome::Applied), _) => Some(Outcome::Applied),
+                (_, offered) => offered,
+            };
+        }
         sqlx::query("DELETE FROM dead_letters WHERE id = $1")
             .bind(id)
             .execute(self.db.writer())

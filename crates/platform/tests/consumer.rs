@@ -245,6 +245,35 @@ async fn an_event_parked_after_exhausting_retries_can_be_replayed() {
     assert_eq!(fixed.replay(parked[0].id).await.unwrap(), None);
 }
 
+/// A build from before JetStream messages carried several events parks
+/// such a message whole (its payload is not one envelope). After the
+/// upgrade, replaying it applies its events one by one and parks only the
+/// one that still fails.
+#[tokio::test]
+async fn a_message_of_several_events_parked_whole_is_replayed_event_by_event() {
+    let f = fixture(0).await;
+    let lines = [placed("alice"), placed("poison"), placed("bob")]
+        .map(|env| env.to_json())
+        .join("\n");
+    sqlx::query(
+        "INSERT INTO dead_letters (consumer, payload, error, attempts, parked_at) \
+         VALUES ('test', $1, 'malformed envelope: trailing characters', 1, 0)",
+    )
+    .bind(&lines)
+    .execute(f.db.writer())
+    .await
+    .unwrap();
+    let parked = f.consumer.dead_letters().await.unwrap();
+    assert_eq!(
+        f.consumer.replay(parked[0].id).await.unwrap(),
+        Some(Outcome::Parked)
+    );
+    assert_eq!(effects(&f.db).await, 2, "alice and bob applied");
+    let parked = f.consumer.dead_letters().await.unwrap();
+    assert_eq!(parked.len(), 1, "only the poison is parked again");
+    assert!(parked[0].payload.contains("poison") && !parked[0].payload.contains('\n'));
+}
+
 fn outgoing(env: &Envelope) -> OutgoingEvent {
     OutgoingEvent::new(env, 0)
 }
@@ -749,7 +778,7 @@ async fn nats_bus() -> (Bus, String) {
     let bus = restaurant_platform::bus::NatsBus::connect(&nats_url(), &stream)
         .await
         .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh");
-    (Bus::Nats(Box::new(bus)), stream)
+    (Bus::Nats(std::sync::Arc::new(bus)), stream)
 }
 
 async fn drop_stream(stream: &str) {

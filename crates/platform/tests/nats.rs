@@ -28,9 +28,11 @@ static ROW: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_is_idempotent_and_consumers_resume_where_they_acked() {
     let stream = format!("rt_{}", new_id().replace('-', ""));
-    let bus = Bus::Nats(Box::new(NatsBus::connect(&url(), &stream).await.expect(
-        "NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh",
-    )));
+    let bus = Bus::Nats(std::sync::Arc::new(
+        NatsBus::connect(&url(), &stream)
+            .await
+            .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh"),
+    ));
     bus.ping().await.unwrap();
     let (a, b, other) = (
         event("OrderRejected"),
@@ -88,9 +90,11 @@ fn in_row(row: i64, kinds: &[&str]) -> Vec<OutgoingEvent> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rows_events_travel_packed_and_a_message_is_acked_only_when_all_are_handled() {
     let stream = format!("rt_{}", new_id().replace('-', ""));
-    let bus = Bus::Nats(Box::new(NatsBus::connect(&url(), &stream).await.expect(
-        "NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh",
-    )));
+    let bus = Bus::Nats(std::sync::Arc::new(
+        NatsBus::connect(&url(), &stream)
+            .await
+            .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh"),
+    ));
     let js = async_nats::jetstream::new(async_nats::connect(url()).await.unwrap());
     let mut batch = in_row(
         1,
