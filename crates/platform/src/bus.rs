@@ -935,8 +935,8 @@ fn lines(payload: &[u8]) -> usize {
 }
 
 /// A message's events, one delivery per line, none holding the message
-/// yet. A line that is not an envelope is the consumer's to park, as a
-/// whole message that was not used to be.
+/// yet. A line that is not an envelope is the consumer's to park, by
+/// itself.
 fn split(payload: &[u8], position: i64, attempt: i64) -> Vec<Delivery> {
     String::from_utf8_lossy(payload)
         .split('\n')
