@@ -665,12 +665,12 @@ impl<H: Handler> Consumer<H> {
         rows.iter().map(DeadLetter::from_row).collect()
     }
 
-    /// Offers a parked event again, then removes it; the outcome is
-    /// `Parked` if any event of it was parked again, else `Applied` if any
-    /// was applied. If it fails again it
+    /// Offers a parked event again, then removes it. If it fails again it
     /// is parked anew (with the new error) before the old row goes, and a
     /// crash in between leaves the old row to be replayed as a duplicate:
-    /// at no point is the event in neither place.
+    /// at no point is the event in neither place. The outcome is `Parked`
+    /// if any event of the row was parked again, else `Applied` if any was
+    /// applied.
     pub async fn replay(&self, id: i64) -> Result<Option<Outcome>, sqlx::Error> {
         let payload: Option<String> =
             sqlx::query_scalar("SELECT payload FROM dead_letters WHERE id = $1 AND consumer = $2")

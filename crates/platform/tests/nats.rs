@@ -25,14 +25,18 @@ fn event(kind: &str) -> OutgoingEvent {
 
 static ROW: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
 
+/// A bus on a stream of its own, and the stream's name.
+async fn fresh_bus() -> (Bus, String) {
+    let stream = format!("rt_{}", new_id().replace('-', ""));
+    let bus = NatsBus::connect(&url(), &stream)
+        .await
+        .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh");
+    (Bus::Nats(std::sync::Arc::new(bus)), stream)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_is_idempotent_and_consumers_resume_where_they_acked() {
-    let stream = format!("rt_{}", new_id().replace('-', ""));
-    let bus = Bus::Nats(std::sync::Arc::new(
-        NatsBus::connect(&url(), &stream)
-            .await
-            .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh"),
-    ));
+    let (bus, stream) = fresh_bus().await;
     bus.ping().await.unwrap();
     let (a, b, other) = (
         event("OrderRejected"),
@@ -89,12 +93,7 @@ fn in_row(row: i64, kinds: &[&str]) -> Vec<OutgoingEvent> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rows_events_travel_packed_and_a_message_is_acked_only_when_all_are_handled() {
-    let stream = format!("rt_{}", new_id().replace('-', ""));
-    let bus = Bus::Nats(std::sync::Arc::new(
-        NatsBus::connect(&url(), &stream)
-            .await
-            .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh"),
-    ));
+    let (bus, stream) = fresh_bus().await;
     let js = async_nats::jetstream::new(async_nats::connect(url()).await.unwrap());
     let mut batch = in_row(
         1,
