@@ -921,9 +921,9 @@ impl NatsSubscription {
                 .info()
                 .map(|i| (i.stream_sequence as i64, i.delivered))
                 .unwrap_or((0, 1));
-            let mut events = split(&m.payload, position, attempt);
-            events.last_mut().expect("a message has a line").message = Some(m);
-            out.extend(events);
+            let mut deliveries = split(&m.payload, position, attempt);
+            deliveries.last_mut().expect("a message has a line").message = Some(m);
+            out.extend(deliveries);
         }
         Ok(out)
     }

@@ -440,13 +440,13 @@ impl<H: Handler> Consumer<H> {
                 .map(|(env, _, _)| env.event_id.clone())
                 .collect()
         } else {
-            let (idempotent, recorded): (Vec<_>, Vec<_>) = items
+            let (unrecorded, recorded): (Vec<_>, Vec<_>) = items
                 .iter()
                 .map(|(env, _, _)| env)
                 .partition(|env| idempotent::<H>(env));
             let ids: Vec<&str> = recorded.iter().map(|env| env.event_id.as_str()).collect();
             let mut fresh = self.record_batch(&mut tx, &ids).await?;
-            fresh.extend(idempotent.into_iter().map(|env| env.event_id.clone()));
+            fresh.extend(unrecorded.into_iter().map(|env| env.event_id.clone()));
             fresh
         };
         // Keep each new event once (a batch may hold the same id twice).
