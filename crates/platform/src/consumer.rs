@@ -29,7 +29,7 @@ use sqlx::Row;
 use crate::{
     bus::{Bus, MAX_DELIVERIES},
     db::{Db, Params, Tx, rows_per_statement},
-    outbox::OutboxSignal,
+    outbox::{AppendMark, OutboxSignal},
     shutdown::Shutdown,
 };
 
@@ -418,6 +418,7 @@ impl<H: Handler> Consumer<H> {
         let Some(last) = items.last().map(|(_, _, position)| *position) else {
             return Ok(());
         };
+        let appended = AppendMark::now();
         let mut tx = self.db.begin().await?;
         let offered = items.len();
         // Without an offset yet (a new database, or one that recorded event
@@ -473,7 +474,7 @@ impl<H: Handler> Consumer<H> {
             *self.committed_offset() = Some(Some(offset.map_or(last, |o| o.max(last))));
         }
         if applied > 0 {
-            self.outbox.notify();
+            self.outbox.notify_if_appended(appended);
             self.handler.after_commit();
             metrics::counter!("consumer_applied_total", "consumer" => self.name.clone())
                 .increment(applied);
@@ -570,6 +571,7 @@ impl<H: Handler> Consumer<H> {
         event: Event,
         position: Option<i64>,
     ) -> Result<Outcome, HandleError> {
+        let appended = AppendMark::now();
         let mut tx = self.db.begin().await?;
         // The id is recorded on this path even with an offset (unless the
         // event is idempotent): it is also the path of a parked event's
@@ -585,7 +587,7 @@ impl<H: Handler> Consumer<H> {
             self.save_offset(&mut tx, position).await?;
         }
         tx.commit().await?;
-        self.outbox.notify();
+        self.outbox.notify_if_appended(appended);
         self.handler.after_commit();
         metrics::counter!("consumer_applied_total", "consumer" => self.name.clone(), "type" => env.event_type.clone()).increment(1);
         Ok(Outcome::Applied)
