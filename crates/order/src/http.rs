@@ -172,11 +172,21 @@ pub type Placer = Batcher<Placement, Result<Placed, String>>;
 
 /// Up to this many placements share one transaction.
 const PLACE_BATCH: usize = 256;
+/// Placement batches committing at once on PostgreSQL.
+const PLACE_BATCHES_IN_FLIGHT: usize = 2;
 
 pub fn placer(db: Db, outbox: OutboxSignal) -> (Placer, impl Future<Output = ()> + Send + 'static) {
-    Batcher::new(
+    // PostgreSQL commits concurrent transactions together, so a placement
+    // arriving while a batch commits starts the next batch at once; SQLite
+    // has one writer, which a second batch would only queue for.
+    let in_flight = match db.backend() {
+        Backend::Postgres => PLACE_BATCHES_IN_FLIGHT,
+        Backend::Sqlite => 1,
+    };
+    Batcher::overlapping(
         "order_placement",
         PLACE_BATCH,
+        in_flight,
         move |reqs: Vec<Placement>| {
             let (db, outbox) = (db.clone(), outbox.clone());
             async move {

@@ -7,8 +7,17 @@
 
 use std::future::Future;
 
-use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
+
+/// A batch that panicked answers nobody (its callers see `None`) but must
+/// not take the queue down with it.
+fn reap(done: Option<Result<(), tokio::task::JoinError>>) {
+    if let Some(Err(e)) = done
+        && e.is_panic()
+    {
+        tracing::error!("a write batch panicked; its requests failed");
+    }
+}
 
 /// A queue in front of a batch function; cheap to clone.
 pub struct Batcher<Req, Resp> {
@@ -31,9 +40,9 @@ impl<Req, Resp> Clone for Batcher<Req, Resp> {
 
 impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// A batcher that hands up to `max` queued requests at a time to `apply`,
-    /// which answers each, in order. The returned task runs the batches; it
-    /// ends when every `Batcher` clone is gone. `name` labels its metric
-    /// (`group_commit_batch_size{batcher}`).
+    /// which answers each, in order, one batch after another. The returned
+    /// task runs the batches; it ends when every `Batcher` clone is gone.
+    /// `name` labels its metric (`group_commit_batch_size{batcher}`).
     pub fn new<F, Fut>(
         name: &'static str,
         max: usize,
@@ -41,28 +50,54 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     ) -> (Self, impl Future<Output = ()> + Send + 'static)
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Vec<Resp>> + Send,
+        Fut: Future<Output = Vec<Resp>> + Send + 'static,
+    {
+        Self::overlapping(name, max, 1, apply)
+    }
+
+    /// Like [`Batcher::new`], with up to `in_flight` batches applied at
+    /// once, for batches that need not follow one another (each its own
+    /// transaction on a server that commits them concurrently). A request
+    /// that arrives while a batch commits then starts the next batch at
+    /// once instead of waiting for that commit. The task ends once the
+    /// last batch has answered.
+    pub fn overlapping<F, Fut>(
+        name: &'static str,
+        max: usize,
+        in_flight: usize,
+        apply: F,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static)
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Resp>> + Send + 'static,
     {
         let (queue, mut rx) = mpsc::channel::<(Req, oneshot::Sender<Resp>)>(max * 4);
+        let in_flight = in_flight.max(1);
         let task = async move {
+            let mut running = tokio::task::JoinSet::new();
             let mut batch = Vec::with_capacity(max);
-            while rx.recv_many(&mut batch, max).await > 0 {
+            loop {
+                while running.len() >= in_flight {
+                    reap(running.join_next().await);
+                }
+                if rx.recv_many(&mut batch, max).await == 0 {
+                    break;
+                }
                 metrics::histogram!("group_commit_batch_size", "batcher" => name)
                     .record(batch.len() as f64);
                 let (reqs, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-                // A panicking batch answers nobody (their callers see `None`)
-                // but must not take the queue down with it.
-                match std::panic::AssertUnwindSafe(apply(reqs))
-                    .catch_unwind()
-                    .await
-                {
-                    Ok(resps) => {
-                        for (reply, resp) in replies.into_iter().zip(resps) {
-                            let _ = reply.send(resp);
-                        }
+                let applied = apply(reqs);
+                running.spawn(async move {
+                    for (reply, resp) in replies.into_iter().zip(applied.await) {
+                        let _ = reply.send(resp);
                     }
-                    Err(_) => tracing::error!("a write batch panicked; its requests failed"),
+                });
+                while let Some(done) = running.try_join_next() {
+                    reap(Some(done));
                 }
+            }
+            while let Some(done) = running.join_next().await {
+                reap(Some(done));
             }
         };
         (Batcher { queue }, task)
@@ -108,6 +143,44 @@ mod tests {
         }
         let n = batches.load(Ordering::Relaxed);
         assert!(n < 200, "200 concurrent requests took {n} batches");
+    }
+
+    /// A batch held open: with one batch at a time the next request waits
+    /// for it; with two in flight it is answered meanwhile. Either way
+    /// the task ends only after the held batch has answered.
+    #[tokio::test]
+    async fn overlapping_batches_answer_while_an_earlier_one_is_still_open() {
+        for in_flight in [1, 2] {
+            let gate = Arc::new(tokio::sync::Semaphore::new(0));
+            let held = gate.clone();
+            let (b, task) = Batcher::overlapping("test", 1, in_flight, move |reqs: Vec<u32>| {
+                let held = held.clone();
+                async move {
+                    if reqs[0] == 0 {
+                        held.acquire().await.unwrap().forget();
+                    }
+                    reqs
+                }
+            });
+            let task = tokio::spawn(task);
+            let first = tokio::spawn({
+                let b = b.clone();
+                async move { b.submit(0).await }
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let second =
+                tokio::time::timeout(std::time::Duration::from_millis(200), b.submit(1)).await;
+            match in_flight {
+                1 => assert!(second.is_err(), "one at a time: waits for the open batch"),
+                _ => assert_eq!(second.unwrap(), Some(1), "answered beside the open batch"),
+            }
+            drop(b);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert!(!task.is_finished(), "the open batch keeps the task");
+            gate.add_permits(1);
+            assert_eq!(first.await.unwrap(), Some(0));
+            task.await.unwrap();
+        }
     }
 
     #[tokio::test]
