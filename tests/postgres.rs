@@ -146,6 +146,133 @@ async fn a_late_placement_fills_in_the_customer(mypage: &Db) {
     assert_eq!(customer().await.as_deref(), Some("late"));
 }
 
+/// MyPage's views as stored, every column but `projected_at` (when the
+/// view was written), in order id order.
+async fn stored_views(db: &Db) -> Vec<Vec<Option<String>>> {
+    use sqlx::Row;
+    sqlx::query(
+        "SELECT order_id, customer_id, restaurant_id, items, CAST(facts AS TEXT), cook_id, \
+         delivery_id, reject_reason, cancel_reason, refuse_reason, CAST(updated_at AS TEXT) \
+         FROM views ORDER BY order_id",
+    )
+    .fetch_all(db.reader())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (0..11).map(|i| r.try_get(i).unwrap()).collect())
+    .collect()
+}
+
+/// MyPage's batch goes to PostgreSQL as one JSON parameter and to SQLite as
+/// bound values (see `restaurant_mypage`): the same events, with text that
+/// JSON must escape in every column, must leave the same views on both,
+/// and a batch applied again must change nothing.
+async fn mypage_batches_store_the_same_on_both_backends(postgres: &Db, sqlite: &Db) {
+    use restaurant_contract::{CookCancelled, CookRef, DeliveryStarted};
+    use restaurant_platform::consumer::Handler;
+    let odd = "\"q\" \\ 한국어 🍜 \n\t\u{1}";
+    let mut placement = placed(odd);
+    let Event::OrderPlaced(mut data) = placement.event().unwrap().unwrap() else {
+        unreachable!()
+    };
+    data.items[0].menu_id = odd.into();
+    data.restaurant_id = format!("r{odd}");
+    placement = Envelope::new(
+        "order",
+        &placement.order_id,
+        &Event::OrderPlaced(data),
+        &Cause::default(),
+    );
+    let order = placement.order_id.clone();
+    let reason = |r: &str| Reason {
+        reason: format!("{r} {odd}"),
+    };
+    let on = |id: &str, e: Event, at: i64| {
+        let mut env = Envelope::new("test", id, &e, &Cause::default());
+        env.occurred_at = at;
+        (env, e)
+    };
+    let mut batch = vec![
+        (placement.clone(), placement.event().unwrap().unwrap()),
+        on(&order, Event::OrderRejected(reason("rejected")), 5),
+        on(&order, Event::OrderCancelled(reason("cancelled")), 6),
+        on(
+            &order,
+            Event::CookCancelRefused(CookCancelled {
+                cook_id: Some(format!("k{odd}")),
+                reason: format!("refused {odd}"),
+            }),
+            7,
+        ),
+        on(
+            &order,
+            Event::CookStarted(CookRef {
+                cook_id: format!("k{odd}"),
+            }),
+            8,
+        ),
+        on(
+            &order,
+            Event::DeliveryStarted(DeliveryStarted {
+                delivery_id: format!("d{odd}"),
+                cook_id: format!("k{odd}"),
+                address: odd.into(),
+            }),
+            9,
+        ),
+        // An order whose placement has not arrived: no customer yet.
+        on(
+            "overtaken",
+            Event::CookStarted(CookRef {
+                cook_id: "k2".into(),
+            }),
+            3,
+        ),
+    ];
+    batch.reverse();
+    let mut after = Vec::new();
+    for db in [postgres, sqlite] {
+        let mut tx = db.begin().await.unwrap();
+        restaurant_mypage::MyPageEvents
+            .handle_batch(&mut tx, batch.clone())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let first = stored_views(db).await;
+        let mut tx = db.begin().await.unwrap();
+        restaurant_mypage::MyPageEvents
+            .handle_batch(&mut tx, batch.clone())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            stored_views(db).await,
+            first,
+            "the batch again changed nothing"
+        );
+        after.push(first);
+    }
+    assert_eq!(after[0].len(), 2);
+    let items = vec![OrderLine {
+        menu_id: odd.into(),
+        qty: 2,
+    }];
+    let stored = after[0]
+        .iter()
+        .find(|v| v[0].as_deref() == Some(order.as_str()))
+        .unwrap();
+    assert_eq!(
+        stored[3],
+        Some(serde_json::to_string(&items).unwrap()),
+        "items as stored text"
+    );
+    assert_eq!(stored[1].as_deref(), Some(odd), "the customer");
+    assert_eq!(
+        after[0], after[1],
+        "PostgreSQL and SQLite store the same views"
+    );
+}
+
 /// The relay hands the bus each batch in the order it was committed, and a
 /// batch the bus refuses stays in the outbox for the next pass. It reads and
 /// deletes in one statement whose deletion commits only after the publish;
@@ -491,6 +618,12 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     let sqlite = sqlite_in(dir.path(), "mypage", restaurant_mypage::migrations()).await;
     a_late_placement_fills_in_the_customer(&sqlite).await;
     sqlite.close().await;
+    let pg = dbs
+        .create("mypage_rows", restaurant_mypage::migrations())
+        .await;
+    let lite = sqlite_in(dir.path(), "mypage_rows", restaurant_mypage::migrations()).await;
+    mypage_batches_store_the_same_on_both_backends(&pg, &lite).await;
+    lite.close().await;
 
     the_relay_keeps_commit_order_and_what_the_bus_refused(&order, dir.path()).await;
     let sqlite = sqlite_in(dir.path(), "order", restaurant_order::migrations()).await;

@@ -69,6 +69,25 @@ fn from_row(r: &AnyRow) -> Result<Stored, sqlx::Error> {
     })
 }
 
+/// A view as one JSON object of the table's columns, for
+/// `json_populate_recordset` on PostgreSQL (see [`project_batch`]).
+#[derive(Serialize)]
+struct StoredRow<'a> {
+    order_id: &'a str,
+    customer_id: Option<&'a str>,
+    restaurant_id: Option<&'a str>,
+    /// As stored: the lines' JSON text.
+    items: Option<String>,
+    facts: i64,
+    cook_id: Option<&'a str>,
+    delivery_id: Option<&'a str>,
+    reject_reason: Option<&'a str>,
+    cancel_reason: Option<&'a str>,
+    refuse_reason: Option<&'a str>,
+    updated_at: i64,
+    projected_at: i64,
+}
+
 /// The nullable fields of a view, each joined by keeping the least value
 /// (see [`projection`]). On SQLite the first, `customer_id`, is joined by
 /// a statement of its own (see [`join_customers`]).
@@ -84,7 +103,7 @@ const JOINED: [&str; 8] = [
 ];
 
 /// Applies a batch of events to their orders' views in `table`, one
-/// statement per few hundred orders: the batch's events are folded into one
+/// statement per batch (PostgreSQL) or per few hundred orders: the batch's events are folded into one
 /// partial view per order in memory, and the database joins each partial
 /// view into the stored one as it upserts — facts OR-ed, each field the
 /// least of the two values, as [`View::apply`] would. The join is
@@ -144,34 +163,70 @@ async fn project_batch(
         )))
         .collect::<Vec<_>>()
         .join(" OR ");
-    for chunk in views.chunks(rows_per_statement(tx, 12)) {
-        let values = Params::of(tx).rows(chunk.len(), 12);
-        let mut upsert = sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {table} ({COLUMNS}) VALUES {values} ON CONFLICT (order_id) DO UPDATE SET \
+    let upsert = |rows: &str| {
+        format!(
+            "INSERT INTO {table} ({COLUMNS}) {rows} ON CONFLICT (order_id) DO UPDATE SET \
              {set}, facts = {table}.facts | excluded.facts, projected_at = excluded.projected_at \
              WHERE ({table}.facts | excluded.facts) <> {table}.facts OR {changed}"
-        )))
-        .persistent(false);
-        for view in chunk {
-            upsert = upsert
-                .bind(&view.order_id)
-                .bind(&view.customer_id)
-                .bind(&view.restaurant_id)
-                .bind(
-                    view.items
-                        .as_ref()
-                        .map(|i| serde_json::to_string(i).expect("serializes")),
-                )
-                .bind(view.facts)
-                .bind(&view.cook_id)
-                .bind(&view.delivery_id)
-                .bind(&view.reject_reason)
-                .bind(&view.cancel_reason)
-                .bind(&view.refuse_reason)
-                .bind(view.updated_at)
-                .bind(now);
+        )
+    };
+    let items = |v: &View| {
+        v.items
+            .as_ref()
+            .map(|i| serde_json::to_string(i).expect("serializes"))
+    };
+    if backend_of(tx) == Backend::Postgres {
+        // One statement of one text whatever the batch, its rows one JSON
+        // parameter: a prepared statement parsed once per connection, not
+        // a text of up to a thousand parameters parsed, and each bound, on
+        // every batch. Alternating 20 s closed-loop runs, distributed:
+        // 2,376 / 2,369 -> 2,534 / 2,690 completed/s, PostgreSQL's CPU
+        // 0.394 / 0.401 -> 0.364 / 0.341 ms per order.
+        let rows: Vec<StoredRow> = views
+            .iter()
+            .map(|v| StoredRow {
+                order_id: &v.order_id,
+                customer_id: v.customer_id.as_deref(),
+                restaurant_id: v.restaurant_id.as_deref(),
+                items: items(v),
+                facts: v.facts,
+                cook_id: v.cook_id.as_deref(),
+                delivery_id: v.delivery_id.as_deref(),
+                reject_reason: v.reject_reason.as_deref(),
+                cancel_reason: v.cancel_reason.as_deref(),
+                refuse_reason: v.refuse_reason.as_deref(),
+                updated_at: v.updated_at,
+                projected_at: now,
+            })
+            .collect();
+        sqlx::query(AssertSqlSafe(upsert(&format!(
+            "SELECT {COLUMNS} FROM json_populate_recordset(NULL::{table}, $1::json)"
+        ))))
+        .bind(serde_json::to_string(&rows).expect("serializes"))
+        .execute(&mut **tx)
+        .await?;
+    } else {
+        for chunk in views.chunks(rows_per_statement(tx, 12)) {
+            let values = Params::of(tx).rows(chunk.len(), 12);
+            let mut q =
+                sqlx::query(AssertSqlSafe(upsert(&format!("VALUES {values}")))).persistent(false);
+            for view in chunk {
+                q = q
+                    .bind(&view.order_id)
+                    .bind(&view.customer_id)
+                    .bind(&view.restaurant_id)
+                    .bind(items(view))
+                    .bind(view.facts)
+                    .bind(&view.cook_id)
+                    .bind(&view.delivery_id)
+                    .bind(&view.reject_reason)
+                    .bind(&view.cancel_reason)
+                    .bind(&view.refuse_reason)
+                    .bind(view.updated_at)
+                    .bind(now);
+            }
+            q.execute(&mut **tx).await?;
         }
-        upsert.execute(&mut **tx).await?;
     }
     if joined.len() < JOINED.len() {
         join_customers(tx, table, &views, now).await?;
