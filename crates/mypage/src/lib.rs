@@ -103,13 +103,14 @@ const JOINED: [&str; 8] = [
 ];
 
 /// Applies a batch of events to their orders' views in `table`, one
-/// statement per batch (PostgreSQL) or per few hundred orders: the batch's events are folded into one
-/// partial view per order in memory, and the database joins each partial
-/// view into the stored one as it upserts — facts OR-ed, each field the
-/// least of the two values, as [`View::apply`] would. The join is
-/// idempotent, commutative and associative (the projection's property
-/// tests), so joining the fold of a batch equals applying its events to the
-/// stored view one by one; and nothing is read back. On PostgreSQL the
+/// statement per batch (PostgreSQL) or per few hundred orders (SQLite):
+/// the batch's events are folded into one partial view per order in
+/// memory, and the database joins each partial view into the stored one
+/// as it upserts — facts OR-ed, each field the least of the two values,
+/// as [`View::apply`] would. The join is idempotent, commutative and
+/// associative (the projection's property tests), so joining the fold of a
+/// batch equals applying its events to the stored view one by one; and
+/// nothing is read back. On PostgreSQL the
 /// upsert locks each row as it joins it (rows in key order, so replicas
 /// cannot deadlock); a row that would not change is not written, so its
 /// `projected_at` stays when the view last changed.

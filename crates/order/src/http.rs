@@ -233,29 +233,42 @@ async fn place_all(db: &Db, reqs: &[Placement]) -> Result<Vec<Placed>, sqlx::Err
             .collect());
     }
     let mut tx = db.begin().await?;
-    let mut placed = Vec::with_capacity(reqs.len());
-    let mut fresh = Vec::with_capacity(reqs.len());
-    for r in reqs {
+    // Keys are claimed in key order: two batches in flight at once (on
+    // PostgreSQL) that hold the same two keys then wait for each other in
+    // one order and cannot deadlock.
+    let mut claims: Vec<(&str, usize)> = reqs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((r.key.as_deref()?, i)))
+        .collect();
+    claims.sort_unstable();
+    let mut earlier: Vec<Option<Placed>> = reqs.iter().map(|_| None).collect();
+    for (key, i) in claims {
+        let r = &reqs[i];
         // A key claimed earlier in this batch is seen here too (same
         // transaction), so a key sent twice at once still makes one order.
-        if let Some(key) = &r.key
-            && let Some((earlier, order_id)) = store::claim_key(
-                &mut tx,
-                key,
-                &r.fingerprint,
-                &r.order.id,
-                r.order.created_at,
-            )
-            .await?
+        if let Some((first, order_id)) = store::claim_key(
+            &mut tx,
+            key,
+            &r.fingerprint,
+            &r.order.id,
+            r.order.created_at,
+        )
+        .await?
         {
-            placed.push(Placed::Earlier {
-                same_request: earlier == r.fingerprint,
+            earlier[i] = Some(Placed::Earlier {
+                same_request: first == r.fingerprint,
                 order_id,
             });
-            continue;
         }
-        fresh.push(r);
-        placed.push(Placed::Created(r.order.clone()));
+    }
+    let mut placed = Vec::with_capacity(reqs.len());
+    let mut fresh = Vec::with_capacity(reqs.len());
+    for (r, earlier) in reqs.iter().zip(earlier) {
+        placed.push(earlier.unwrap_or_else(|| {
+            fresh.push(r);
+            Placed::Created(r.order.clone())
+        }));
     }
     let orders: Vec<&Order> = fresh.iter().map(|r| &r.order).collect();
     store::insert_all(&mut tx, &orders).await?;
