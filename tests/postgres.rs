@@ -16,7 +16,7 @@ use std::sync::Arc;
 use restaurant_contract::{Cause, Envelope, Event, OrderLine, OrderPlaced, Reason, new_id};
 use restaurant_platform::{
     bus::{Bus, EventLog},
-    consumer::{Consumer, Outcome},
+    consumer::{self, Consumer, Outcome},
     db::{Backend, Db, DbOptions, Migrations},
     outbox::{self, OutboxSignal},
     shutdown::Shutdown,
@@ -169,7 +169,7 @@ async fn stored_views(db: &Db) -> Vec<Vec<Option<String>>> {
 /// and a batch applied again must change nothing.
 async fn mypage_batches_store_the_same_on_both_backends(postgres: &Db, sqlite: &Db) {
     use restaurant_contract::{CookCancelled, CookRef, DeliveryStarted};
-    use restaurant_platform::consumer::Handler;
+
     let odd = "\"q\" \\ 한국어 🍜 \n\t\u{1}";
     let mut placement = placed(odd);
     let Event::OrderPlaced(mut data) = placement.event().unwrap().unwrap() else {
@@ -231,20 +231,15 @@ async fn mypage_batches_store_the_same_on_both_backends(postgres: &Db, sqlite: &
     ];
     batch.reverse();
     let mut after = Vec::new();
+    let apply = async |db| {
+        consumer::apply_batch(db, &restaurant_mypage::MyPageEvents, batch.clone())
+            .await
+            .unwrap()
+    };
     for db in [postgres, sqlite] {
-        let mut tx = db.begin().await.unwrap();
-        restaurant_mypage::MyPageEvents
-            .handle_batch(&mut tx, batch.clone())
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        apply(db).await;
         let first = stored_views(db).await;
-        let mut tx = db.begin().await.unwrap();
-        restaurant_mypage::MyPageEvents
-            .handle_batch(&mut tx, batch.clone())
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        apply(db).await;
         assert_eq!(
             stored_views(db).await,
             first,

@@ -7,7 +7,12 @@ use std::sync::Arc;
 
 use restaurant_contract::{Cause, Envelope, Event, OrderLine, OrderPlaced};
 use restaurant_cook::{App, domain::MenuItem, events::KitchenEvents, kitchen, store};
-use restaurant_platform::{consumer::Handler, db::Db, service::ServiceContext};
+use restaurant_platform::{
+    consumer::{self, Handler},
+    db::Db,
+    outbox,
+    service::ServiceContext,
+};
 
 fn placed(order_id: &str, qty: i64) -> (Envelope, Event) {
     let ev = Event::OrderPlaced(OrderPlaced {
@@ -24,18 +29,6 @@ fn placed(order_id: &str, qty: i64) -> (Envelope, Event) {
 
 async fn stock(db: &Db) -> i64 {
     store::menus(db, "r").await.unwrap()[0].stock
-}
-
-/// Every event the kitchen has published so far.
-async fn published(db: &Db) -> Vec<Envelope> {
-    let rows: Vec<String> = sqlx::query_scalar("SELECT payload FROM outbox ORDER BY seq")
-        .fetch_all(db.reader())
-        .await
-        .unwrap();
-    rows.iter()
-        .flat_map(|r| r.lines())
-        .map(|line| Envelope::from_json(line.as_bytes()).unwrap())
-        .collect()
 }
 
 #[tokio::test]
@@ -57,14 +50,7 @@ async fn an_order_placed_again_reserves_and_publishes_nothing() {
         timer_wake: Arc::default(),
     };
     let handler = KitchenEvents(app.clone());
-    let apply = |batch: Vec<(Envelope, Event)>| {
-        let (db, handler) = (db.clone(), &handler);
-        async move {
-            let mut tx = db.begin().await.unwrap();
-            handler.handle_batch(&mut tx, batch).await.unwrap();
-            tx.commit().await.unwrap();
-        }
-    };
+    let apply = async |batch| consumer::apply_batch(&db, &handler, batch).await.unwrap();
     assert!(KitchenEvents::IDEMPOTENT_TYPES.contains(&"OrderPlaced"));
     let (a, b, c) = (
         placed("order-a", 2),
@@ -93,7 +79,7 @@ async fn an_order_placed_again_reserves_and_publishes_nothing() {
     apply(vec![b.clone(), a.clone(), c.clone()]).await;
     assert_eq!(stock(&db).await, 7, "only c reserved");
 
-    let events = published(&db).await;
+    let events = outbox::waiting(&db).await.unwrap();
     let count = |t: &str, order: &str| {
         events
             .iter()

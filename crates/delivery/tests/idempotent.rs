@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use restaurant_contract::{Cause, CookCompleted, Envelope, Event};
 use restaurant_delivery::{App, DeliveryEvents};
-use restaurant_platform::{consumer::Handler, db::Db, outbox, service::ServiceContext};
+use restaurant_platform::{consumer, db::Db, outbox, service::ServiceContext};
 
 fn cooked(order_id: &str) -> (Envelope, Event) {
     let ev = Event::CookCompleted(CookCompleted {
@@ -37,14 +37,7 @@ async fn a_cook_completed_applied_again_starts_and_publishes_nothing() {
         delivery_time: Some(Duration::ZERO),
         timer_wake: Arc::default(),
     });
-    let apply = |batch: Vec<(Envelope, Event)>| {
-        let (db, handler) = (db.clone(), &handler);
-        async move {
-            let mut tx = db.begin().await.unwrap();
-            handler.handle_batch(&mut tx, batch).await.unwrap();
-            tx.commit().await.unwrap();
-        }
-    };
+    let apply = async |batch| consumer::apply_batch(&db, &handler, batch).await.unwrap();
     let (a, b) = (cooked("order-a"), cooked("order-b"));
     // Twice in one batch, then again in later batches.
     apply(vec![a.clone(), b.clone(), a.clone()]).await;
@@ -74,14 +67,9 @@ async fn a_cook_completed_applied_again_starts_and_publishes_nothing() {
     );
     // Each names the delivery its order got (the first batch named order
     // a twice, so which of its two inserts went in had to be read back).
-    let rows: Vec<String> = sqlx::query_scalar("SELECT payload FROM outbox ORDER BY seq")
-        .fetch_all(db.reader())
-        .await
-        .unwrap();
-    for line in rows.iter().flat_map(|r| r.lines()) {
-        let env = Envelope::from_json(line.as_bytes()).unwrap();
+    for env in outbox::waiting(&db).await.unwrap() {
         let Ok(Some(Event::DeliveryStarted(s))) = env.event() else {
-            panic!("not a DeliveryStarted: {line}");
+            panic!("not a DeliveryStarted: {env:?}");
         };
         let id: String = sqlx::query_scalar("SELECT id FROM deliveries WHERE order_id = $1")
             .bind(&env.order_id)

@@ -51,6 +51,20 @@ impl From<sqlx::Error> for HandleError {
     }
 }
 
+/// Applies `batch` with `handler` in a transaction of its own on `db`, as
+/// a consumer applies a batch it has deduplicated, but recording nothing:
+/// for tests and tools that drive a handler directly.
+pub async fn apply_batch<H: Handler>(
+    db: &Db,
+    handler: &H,
+    batch: Vec<(Envelope, Event)>,
+) -> Result<(), HandleError> {
+    let mut tx = db.begin().await?;
+    handler.handle_batch(&mut tx, batch).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// A service's reaction to events.
 pub trait Handler: Send + Sync + 'static {
     /// The event types this handler wants; others are never delivered.

@@ -494,6 +494,18 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<Relayed> {
     Ok(count_relayed(read, batch.len()))
 }
 
+/// The envelopes waiting in the outbox, in the order they were appended:
+/// for tests and tools that drive a service without its relay.
+pub async fn waiting(db: &Db) -> Result<Vec<Envelope>, sqlx::Error> {
+    let rows: Vec<String> = sqlx::query_scalar("SELECT payload FROM outbox ORDER BY seq")
+        .fetch_all(db.reader())
+        .await?;
+    rows.iter()
+        .flat_map(|row| row.split('\n'))
+        .map(|line| Envelope::from_json(line.as_bytes()).map_err(|e| sqlx::Error::Decode(e.into())))
+        .collect()
+}
+
 /// Events not yet relayed; exported as a gauge and used by tests.
 pub async fn pending(db: &Db) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT COALESCE(SUM(events), 0) FROM outbox")
