@@ -130,6 +130,8 @@ fn common_args(cfg: &UpConfig) -> Vec<String> {
 
 struct Supervised {
     exe: PathBuf,
+    /// Each child's `TOKIO_WORKER_THREADS` (see [`worker_threads_per_child`]).
+    worker_threads: String,
     file: PathBuf,
     gateway_url: String,
     records: Mutex<Vec<ProcessRecord>>,
@@ -179,15 +181,37 @@ fn terminate(pid: u32) {
 /// mattering when Rust's allocations left glibc's malloc.)
 pub const SERVICE_ALLOCATOR: (&str, &str) = ("MIMALLOC_PURGE_DELAY", "0");
 
+/// Tokio's variable for a process's worker threads (`main.rs` runs one on
+/// the current-thread scheduler).
+const WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
+
+/// Worker threads for each of `children` processes sharing this machine's
+/// cores: the cores divided among them, at least one. Every child is a
+/// scheduler of its own, so a worker per core in each (tokio's default) put
+/// five to seven times as many workers as cores on a two-core machine,
+/// handing tasks to each other across context switches. Measured,
+/// distributed shape on 2 cores, 1,500 orders/s offered for 30 s,
+/// alternating: CPU per order (all processes) 1.190 / 1.191 / 1.199 ->
+/// 1.123 / 1.114 / 1.117 ms, placement p99 20.7 / 23.8 / 25.4 -> 16.2 /
+/// 19.0 / 18.6 ms; closed loop 2,879 / 2,550 -> 3,380 / 2,928 completed/s.
+fn worker_threads_per_child(cores: usize, children: usize) -> usize {
+    (cores / children.max(1)).max(1)
+}
+
 /// Runs one child until shutdown, starting it again whenever it exits.
 async fn supervise(sup: Arc<Supervised>, spec: ChildSpec, shutdown: Shutdown) {
     let name = sup.name(spec.index);
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut command = Command::new(&sup.exe);
-        let (key, value) = SERVICE_ALLOCATOR;
-        if std::env::var_os(key).is_none() {
-            command.env(key, value);
+        // A value already in the environment is passed on instead.
+        for (key, value) in [
+            SERVICE_ALLOCATOR,
+            (WORKER_THREADS_ENV, sup.worker_threads.as_str()),
+        ] {
+            if std::env::var_os(key).is_none() {
+                command.env(key, value);
+            }
         }
         let mut child = match command
             .args(&spec.args)
@@ -319,8 +343,10 @@ pub async fn run(
         specs.push(ChildSpec { index, args });
     }
     let gateway_url = url_of("gateway");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let sup = Arc::new(Supervised {
         exe,
+        worker_threads: worker_threads_per_child(cores, records.len()).to_string(),
         file: cfg.data_dir.join("processes.json"),
         gateway_url: gateway_url.clone(),
         records: Mutex::new(records),
@@ -353,4 +379,19 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&sup.file);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads_per_child;
+
+    #[test]
+    fn cores_are_divided_among_the_children_and_each_keeps_one() {
+        // Five children on two cores: one each, not two.
+        assert_eq!(worker_threads_per_child(2, 5), 1);
+        assert_eq!(worker_threads_per_child(1, 5), 1);
+        assert_eq!(worker_threads_per_child(16, 5), 3);
+        assert_eq!(worker_threads_per_child(8, 1), 8);
+        assert_eq!(worker_threads_per_child(4, 0), 4);
+    }
 }
