@@ -335,6 +335,13 @@ pub async fn due_tickets(db: &Db, now: i64, limit: i64) -> Result<Vec<String>, s
     due(db, "cooks", "COOKING", now, limit).await
 }
 
+/// The due time of the earliest ticket still cooking. Deliberately not
+/// bounded to the future (nor folded into [`due_tickets`]' statement): this
+/// index scan walks the entries completed tickets left in the timer's
+/// index and marks them dead as it goes, which keeps `due_tickets`, a
+/// bitmap scan that marks nothing, from visiting every completed ticket's
+/// page until a vacuum. Folded in and bounded to `> now`, a timer pass
+/// took 2.4 ms of PostgreSQL's time instead of 0.08 at 1,500 orders/s.
 pub async fn next_due(db: &Db) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT MIN(complete_at) FROM cooks WHERE status = 'COOKING' AND complete_at IS NOT NULL",

@@ -229,6 +229,7 @@ async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
     if due.len() as i64 == BATCH {
         return Ok(Some(now_ms()));
     }
+    // Unbounded on purpose: see the cook service's `store::next_due`.
     Ok(sqlx::query_scalar(
         "SELECT MIN(complete_at) FROM deliveries WHERE status = 'DELIVERING' \
          AND complete_at IS NOT NULL",
