@@ -352,17 +352,22 @@ async fn children_of_a_killed_supervisor_stop_by_themselves() {
         .iter()
         .map(|n| pid_of(dir.path(), n).unwrap())
         .collect();
-    // Each child got the allocator setting that keeps it under 30 MB.
-    let (key, value) = restaurant::supervisor::SERVICE_ALLOCATOR;
-    let expected = format!("{key}={}", std::env::var(key).as_deref().unwrap_or(value));
-    for pid in &pids {
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-        assert!(
-            environ
-                .split(|b| *b == 0)
-                .any(|kv| kv == expected.as_bytes()),
-            "child {pid} lacks {expected}"
-        );
+    // Each child got the allocator setting that keeps it under 30 MB, and
+    // its share of the cores as tokio workers (one each on two cores).
+    use restaurant::supervisor::{SERVICE_ALLOCATOR, WORKER_THREADS_ENV, worker_threads_per_child};
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let threads = worker_threads_per_child(cores, pids.len()).to_string();
+    for (key, value) in [SERVICE_ALLOCATOR, (WORKER_THREADS_ENV, threads.as_str())] {
+        let expected = format!("{key}={}", std::env::var(key).as_deref().unwrap_or(value));
+        for pid in &pids {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+            assert!(
+                environ
+                    .split(|b| *b == 0)
+                    .any(|kv| kv == expected.as_bytes()),
+                "child {pid} lacks {expected}"
+            );
+        }
     }
     supervisor.start_kill().unwrap(); // SIGKILL: no chance to stop them
     supervisor.wait().await.unwrap();
