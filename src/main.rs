@@ -234,7 +234,9 @@ fn main() -> anyhow::Result<()> {
     // One worker (TOKIO_WORKER_THREADS=1, as in the gateway benchmark) runs
     // on tokio's current-thread scheduler: the same single thread, without
     // the work-stealing scheduler's bookkeeping.
-    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|n| n.trim() == "1");
+    // (`up --processes` sets it for its children: supervisor.rs.)
+    let one =
+        std::env::var(restaurant::supervisor::WORKER_THREADS_ENV).is_ok_and(|n| n.trim() == "1");
     let runtime = if one {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
