@@ -133,7 +133,8 @@ async fn project_batch(
     let views: Vec<&View> = partial.values().collect();
     // Text compared byte by byte, as Rust compares strings: SQLite's
     // default; PostgreSQL's default follows the database's locale.
-    let (bytewise, joined) = match backend_of(tx) {
+    let backend = backend_of(tx);
+    let (bytewise, joined) = match backend {
         Backend::Postgres => (" COLLATE \"C\"", &JOINED[..]),
         Backend::Sqlite => ("", &JOINED[1..]),
     };
@@ -176,7 +177,7 @@ async fn project_batch(
             .as_ref()
             .map(|i| serde_json::to_string(i).expect("serializes"))
     };
-    if backend_of(tx) == Backend::Postgres {
+    if backend == Backend::Postgres {
         // One statement of one text whatever the batch, its rows one JSON
         // parameter: a prepared statement parsed once per connection, not
         // a text of up to a thousand parameters parsed, and each bound, on
@@ -228,8 +229,6 @@ async fn project_batch(
             }
             q.execute(&mut **tx).await?;
         }
-    }
-    if joined.len() < JOINED.len() {
         join_customers(tx, table, &views, now).await?;
     }
     Ok(())
