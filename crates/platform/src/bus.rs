@@ -855,11 +855,14 @@ where
                 Some(Ok(m)) => {
                     let n = events(&m);
                     // A message larger than the whole budget waits for an
-                    // empty channel, and then goes alone.
-                    let Ok(permit) = held.acquire_many(n.min(budget) as u32).await else {
-                        return;
+                    // empty channel, and then goes alone. Waiting for room
+                    // ends with the receiver too: it gives no room back.
+                    let room = tokio::select! {
+                        room = held.acquire_many(n.min(budget) as u32) => room,
+                        _ = tx.closed() => return,
                     };
-                    permit.forget();
+                    let Ok(room) = room else { return };
+                    room.forget();
                     (Ok((m, n)), false)
                 }
                 Some(Err(e)) => (Err(anyhow::anyhow!("pull: {e}")), true),
@@ -1106,6 +1109,29 @@ mod tests {
         assert_eq!(ahead.try_recv().unwrap().unwrap().1, 64);
         assert_eq!(ahead.try_recv().unwrap().unwrap().1, 2);
         assert!(ahead.recv().await.unwrap().is_err(), "the end is reported");
+    }
+
+    /// Dropped while its task waits for room, the prefetch ends, and with
+    /// it the pulls it owns.
+    #[tokio::test]
+    async fn prefetch_ends_when_dropped_while_waiting_for_room() {
+        use futures_util::StreamExt as _;
+        let owner = Arc::new(());
+        let held = owner.clone();
+        let source = futures_util::stream::iter([8usize, 8, 8]).map(move |n| {
+            let _ = &held;
+            Ok::<_, std::convert::Infallible>(n)
+        });
+        let ahead = prefetch(source, 10, |n: &usize| *n);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(Arc::strong_count(&owner), 2, "waiting for room");
+        drop(ahead);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            Arc::strong_count(&owner),
+            1,
+            "the task and its stream are gone"
+        );
     }
 
     #[test]
