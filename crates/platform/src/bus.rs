@@ -829,8 +829,8 @@ pub struct NatsSubscription {
 /// the couriers frozen for 15 s: while the order service drained the
 /// couriers' backlog of packed messages it held ~14 MiB more than in the
 /// steady state (the same for a backlog twice as long); bounded by events,
-/// its peak RSS went from 31.0-32.0 to 28.3-28.7 MiB (experiment builds),
-/// and closed-loop throughput stayed the same.
+/// its peak went from 29.6-31.5 to 25.6-27.0 MiB, and closed-loop
+/// throughput stayed the same (`bench/catchup.py`, docs/benchmarks.md).
 fn prefetch<S, M, E>(pulled: S, budget: usize, events: fn(&M) -> usize) -> Prefetched<M>
 where
     S: futures_util::Stream<Item = Result<M, E>> + Unpin + Send + 'static,
@@ -1077,7 +1077,8 @@ mod tests {
     /// What is pulled ahead waits in the channel up to the budget in
     /// events, however many messages that is; taking messages out lets
     /// more in, and one message above the whole budget still goes, alone.
-    #[tokio::test]
+    // Paused time: each sleep passes only once the prefetch task waits.
+    #[tokio::test(start_paused = true)]
     async fn prefetch_holds_at_most_its_budget_of_events() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let pulled = Arc::new(AtomicUsize::new(0));
@@ -1113,7 +1114,8 @@ mod tests {
 
     /// Dropped while its task waits for room, the prefetch ends, and with
     /// it the pulls it owns.
-    #[tokio::test]
+    // Paused time: each sleep passes only once the prefetch task waits.
+    #[tokio::test(start_paused = true)]
     async fn prefetch_ends_when_dropped_while_waiting_for_room() {
         use futures_util::StreamExt as _;
         let owner = Arc::new(());
