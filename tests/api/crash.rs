@@ -357,10 +357,13 @@ async fn children_of_a_killed_supervisor_stop_by_themselves() {
     use restaurant::supervisor::{SERVICE_ALLOCATOR, WORKER_THREADS_ENV, worker_threads_per_child};
     let cores = std::thread::available_parallelism().unwrap().get();
     let threads = worker_threads_per_child(cores, pids.len()).to_string();
-    for (key, value) in [SERVICE_ALLOCATOR, (WORKER_THREADS_ENV, threads.as_str())] {
-        let expected = format!("{key}={}", std::env::var(key).as_deref().unwrap_or(value));
-        for pid in &pids {
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let expected: Vec<String> = [SERVICE_ALLOCATOR, (WORKER_THREADS_ENV, threads.as_str())]
+        .iter()
+        .map(|(key, value)| format!("{key}={}", std::env::var(key).as_deref().unwrap_or(value)))
+        .collect();
+    for pid in &pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        for expected in &expected {
             assert!(
                 environ
                     .split(|b| *b == 0)

@@ -843,7 +843,6 @@ where
     // let a budget of single events through.
     let (tx, rx) = tokio::sync::mpsc::channel(budget);
     let room = Arc::new(tokio::sync::Semaphore::new(budget));
-    let held = room.clone();
     tokio::spawn(async move {
         let mut pulled = pulled;
         loop {
@@ -857,13 +856,12 @@ where
                     // A message larger than the whole budget waits for an
                     // empty channel, and then goes alone. Waiting for room
                     // ends with the receiver too: it gives no room back.
-                    let room = tokio::select! {
-                        room = held.acquire_many(n.min(budget) as u32) => room,
+                    let held = tokio::select! {
+                        held = room.clone().acquire_many_owned(n.min(budget) as u32) => held,
                         _ = tx.closed() => return,
                     };
-                    let Ok(room) = room else { return };
-                    room.forget();
-                    (Ok((m, n)), false)
+                    let Ok(held) = held else { return };
+                    (Ok((m, n, held)), false)
                 }
                 Some(Err(e)) => (Err(anyhow::anyhow!("pull: {e}")), true),
                 None => (Err(anyhow::anyhow!("pull ended")), true),
@@ -873,36 +871,27 @@ where
             }
         }
     });
-    Prefetched { rx, room, budget }
+    Prefetched { rx }
 }
 
 /// A pulled message and how many events it carries.
 type Pulled<M> = anyhow::Result<(M, usize)>;
 
-/// The receiving end of [`prefetch`]: each message taken out gives its
-/// events' room back.
+/// The receiving end of [`prefetch`]: a message travels with the room it
+/// holds, which goes back as it is taken out.
 struct Prefetched<M> {
-    rx: tokio::sync::mpsc::Receiver<Pulled<M>>,
-    room: Arc<tokio::sync::Semaphore>,
-    budget: usize,
+    rx: tokio::sync::mpsc::Receiver<anyhow::Result<(M, usize, tokio::sync::OwnedSemaphorePermit)>>,
 }
 
 impl<M> Prefetched<M> {
-    fn taken(&self, item: Pulled<M>) -> Pulled<M> {
-        if let Ok((_, events)) = &item {
-            self.room.add_permits((*events).min(self.budget));
-        }
-        item
-    }
-
     async fn recv(&mut self) -> Option<Pulled<M>> {
         let item = self.rx.recv().await?;
-        Some(self.taken(item))
+        Some(item.map(|(m, n, _room)| (m, n)))
     }
 
     fn try_recv(&mut self) -> Option<Pulled<M>> {
         let item = self.rx.try_recv().ok()?;
-        Some(self.taken(item))
+        Some(item.map(|(m, n, _room)| (m, n)))
     }
 }
 

@@ -604,8 +604,7 @@ mod tests {
             .unwrap();
             for pool in [db.writer(), db.reader()] {
                 let mut conn = pool.acquire().await.unwrap();
-                let one = |sql: &'static str| sqlx::query(sql);
-                let mode: String = one("PRAGMA journal_mode")
+                let mode: String = sqlx::query("PRAGMA journal_mode")
                     .fetch_one(&mut *conn)
                     .await
                     .unwrap()
@@ -617,7 +616,11 @@ mod tests {
                     ("PRAGMA foreign_keys", 1),
                     ("PRAGMA busy_timeout", 10_000),
                 ] {
-                    let got: i64 = one(pragma).fetch_one(&mut *conn).await.unwrap().get(0);
+                    let got: i64 = sqlx::query(pragma)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .unwrap()
+                        .get(0);
                     assert_eq!(got, want, "{pragma}");
                 }
             }
