@@ -487,6 +487,12 @@ impl LogSubscription {
                     .collect::<Vec<_>>();
                 (batch, upto)
             }
+            // Only this process appends to a log it keeps a tail of, and
+            // `head` is its last commit: nothing is past our position. An
+            // idle consumer used to read the table every `wait` to learn
+            // that (80 of the ~440 SQLite round trips of an idle
+            // `restaurant up` in 10 s).
+            None if self.tail.is_some() && head <= self.position => (Vec::new(), head),
             None => {
                 metrics::counter!("eventlog_reads_total", "from" => "table").increment(1);
                 let batch = self.read_table(max).await?;

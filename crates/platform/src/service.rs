@@ -15,7 +15,7 @@ use tokio::{net::TcpListener, sync::Notify, task::JoinSet};
 use crate::{
     bus::Bus,
     consumer::{Consumer, DeadLetter, Handler, Outcome},
-    db::{Db, DbOptions, Migrations},
+    db::{Backend, Db, DbOptions, Migrations},
     http::{self, Path, Problem, Readiness},
     outbox::{self, OutboxSignal},
     shutdown::Shutdown,
@@ -96,7 +96,12 @@ impl ServiceHost {
         Fut: Future<Output = anyhow::Result<Option<i64>>> + Send + 'static,
     {
         let shutdown = self.ctx.shutdown.clone();
-        self.tasks.spawn(timer::run(name, wake, shutdown, fire));
+        let max_sleep = match self.ctx.db.backend() {
+            Backend::Sqlite => timer::MAX_SLEEP_OWNED,
+            Backend::Postgres => timer::MAX_SLEEP_SHARED,
+        };
+        self.tasks
+            .spawn(timer::run(name, wake, max_sleep, shutdown, fire));
     }
 
     /// Starts the service's consumer and its dead-letter admin routes.

@@ -918,3 +918,36 @@ async fn only_events_of_types_not_declared_idempotent_are_recorded() {
     assert_eq!(count(&f.db, "processed_events").await, 3);
     drop_stream(&stream).await;
 }
+
+/// A caught-up subscription learns from the log's head whether anything is
+/// new when only this process appends (the log keeps a tail): idle, it
+/// does not touch the database at all. A log other processes append to must
+/// be read to know. A closed log tells the two apart: a read of it fails.
+#[tokio::test]
+async fn an_idle_subscription_reads_the_table_only_if_others_append() {
+    for shared in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        let log = if shared {
+            EventLog::open_shared(&path, false).await
+        } else {
+            EventLog::open(&path, false).await
+        }
+        .unwrap();
+        let bus = Bus::Embedded(log.clone());
+        let alice = placed("alice");
+        bus.publish(&[outgoing(&alice)]).await.unwrap();
+        let mut sub = bus.subscribe("idle", Recorder::TYPES).await.unwrap();
+        let batch = sub.next_batch(10, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(batch.len(), 1, "shared: {shared}");
+        sub.ack(&batch).await.unwrap();
+        sub.flush().await.unwrap();
+        log.close().await;
+        let idle = sub.next_batch(10, Duration::from_millis(50)).await;
+        if shared {
+            assert!(idle.is_err(), "a shared log is read: {idle:?}");
+        } else {
+            assert!(idle.unwrap().is_empty());
+        }
+    }
+}
