@@ -182,7 +182,8 @@ async fn bad_events_are_parked_with_their_error_and_unknown_types_ignored() {
         Some(Outcome::Parked)
     );
     let mut wrong_schema = placed("x");
-    wrong_schema.data = serde_json::json!({"customerId": 42});
+    wrong_schema.data =
+        serde_json::value::to_raw_value(&serde_json::json!({"customerId": 42})).unwrap();
     assert_eq!(
         f.consumer.offer(&wrong_schema.to_json(), &stop).await,
         Some(Outcome::Parked)
