@@ -336,6 +336,10 @@ impl Db {
         self.write.close().await;
         self.read.close().await;
     }
+
+    pub fn is_closed(&self) -> bool {
+        self.write.is_closed()
+    }
 }
 
 /// `select`, whose result columns are `columns` (plain names, comma

@@ -952,3 +952,59 @@ async fn an_idle_subscription_reads_the_table_only_if_others_append() {
         }
     }
 }
+
+/// Reads, acknowledges and saves up to `max` events; how many it read.
+async fn read_and_save(sub: &mut restaurant_platform::bus::Subscription, max: usize) -> usize {
+    let batch = sub
+        .next_batch(max, Duration::from_millis(50))
+        .await
+        .unwrap();
+    sub.ack(&batch).await.unwrap();
+    sub.flush().await.unwrap();
+    batch.len()
+}
+
+/// The embedded log drops events past its retention once every consumer
+/// with a saved position has passed them: never one a known consumer has
+/// not read, never one younger than the cut, and never the newest (the
+/// next append numbers its events after it).
+#[tokio::test]
+async fn the_log_prunes_only_old_events_every_known_consumer_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(&dir.path().join("events.db"), false)
+        .await
+        .unwrap();
+    let bus = Bus::Embedded(log.clone());
+    for i in 0..6 {
+        bus.publish(&[outgoing(&placed(&format!("p{i}")))])
+            .await
+            .unwrap();
+    }
+    let positions = |log: EventLog| async move {
+        let all = log.read_from(0, 100).await.unwrap();
+        all.iter().map(|d| d.position).collect::<Vec<_>>()
+    };
+    let first = positions(log.clone()).await;
+    assert_eq!(first.len(), 6);
+    let mut ahead = bus.subscribe("ahead", Recorder::TYPES).await.unwrap();
+    let mut behind = bus.subscribe("behind", Recorder::TYPES).await.unwrap();
+    assert_eq!(read_and_save(&mut ahead, 4).await, 4);
+    assert_eq!(read_and_save(&mut behind, 2).await, 2);
+
+    let day = 86_400_000;
+    let now = restaurant_contract::now_ms();
+    assert_eq!(log.prune(now - day).await.unwrap(), 0, "nothing is old yet");
+    assert_eq!(log.prune(now + day).await.unwrap(), 2, "what both passed");
+    assert_eq!(positions(log.clone()).await, first[2..]);
+
+    assert_eq!(read_and_save(&mut behind, 10).await, 4);
+    assert_eq!(read_and_save(&mut ahead, 10).await, 2);
+    assert_eq!(log.prune(now + day).await.unwrap(), 3, "all but the newest");
+    assert_eq!(positions(log.clone()).await, first[5..]);
+
+    // The sequence goes on after the newest, and both consumers get it.
+    bus.publish(&[outgoing(&placed("later"))]).await.unwrap();
+    assert_eq!(positions(log.clone()).await, [first[5], first[5] + 1]);
+    assert_eq!(read_and_save(&mut ahead, 10).await, 1);
+    assert_eq!(read_and_save(&mut behind, 10).await, 1);
+}
