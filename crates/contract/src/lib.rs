@@ -72,8 +72,8 @@ pub struct Envelope {
     pub traceparent: Option<String>,
     /// The event's JSON as it came, decoded only by [`Envelope::event`]:
     /// straight into the typed event, with no tree of `serde_json::Value`
-    /// in between (every consumer of the embedded shape reads ~15
-    /// envelopes per order; see docs/benchmarks.md).
+    /// in between (the embedded shape's consumers decode 13 envelopes per
+    /// order; see docs/benchmarks.md).
     pub data: Box<serde_json::value::RawValue>,
 }
 

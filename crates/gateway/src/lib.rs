@@ -628,16 +628,18 @@ async fn probe(replica: &Replica) -> bool {
 /// every this many intervals instead of every one.
 const SOLE_REPLICA_CHECKED_EVERY: u64 = 10;
 
-/// Whether replica `i` of `pool` is checked at tick `tick`. A check
-/// chooses between replicas, and tells when one recovers. A sole replica
-/// gets the traffic whatever its checks say, and when it fails, its breaker
-/// opens (or a rare check finds it unready) and it is checked every
-/// interval until it recovers, re-admitted as fast as before. Checking it
-/// every 500 ms cost an idle `restaurant up` 80 requests and 160 database
-/// and log round trips in 10 s, most of its idle CPU.
-fn check_due(pool: &Pool, i: usize, tick: u64) -> bool {
+/// Whether replica `i` of `pool`, whose last checks failed `failures`
+/// times in a row, is checked at tick `tick`. A check chooses between
+/// replicas, and tells when one recovers. A sole replica gets the traffic
+/// whatever its checks say, and when it fails, its breaker opens (or a rare
+/// check fails) and it is checked every interval until it recovers,
+/// re-admitted as fast as before. Checking it every 500 ms cost an idle
+/// `restaurant up` 80 requests and 160 database and log round trips in
+/// 10 s, most of its idle CPU.
+fn check_due(pool: &Pool, i: usize, failures: u32, tick: u64) -> bool {
     let r = &pool.replicas[i];
     pool.replicas.len() > 1
+        || failures > 0
         || !r.healthy.load(Ordering::Relaxed)
         || r.breaker.state() != BreakerState::Closed
         || tick.is_multiple_of(SOLE_REPLICA_CHECKED_EVERY)
@@ -655,12 +657,15 @@ async fn check_health(gw: Gateway, interval: Duration) {
             _ = tokio::time::sleep(interval) => {}
             _ = gw.shutdown.wait() => return,
         }
-        let checks = gw.pools.iter().enumerate().flat_map(|(p, pool)| {
-            pool.replicas.iter().enumerate().filter_map(move |(i, r)| {
+        let mut checks = Vec::new();
+        for (p, pool) in gw.pools.iter().enumerate() {
+            for (i, r) in pool.replicas.iter().enumerate() {
                 r.upstream.expire_idle();
-                check_due(pool, i, tick).then_some(async move { (p, i, probe(r).await) })
-            })
-        });
+                if check_due(pool, i, failures[p][i], tick) {
+                    checks.push(async move { (p, i, probe(r).await) });
+                }
+            }
+        }
         for (p, i, ready) in futures_util::future::join_all(checks).await {
             let n = &mut failures[p][i];
             *n = if ready { 0 } else { *n + 1 };
@@ -1131,7 +1136,7 @@ mod tests {
     #[test]
     fn a_sole_replica_is_checked_every_interval_only_while_it_is_unwell() {
         let due = |pool: &Pool, i: usize| -> Vec<u64> {
-            (1..=20).filter(|&t| check_due(pool, i, t)).collect()
+            (1..=20).filter(|&t| check_due(pool, i, 0, t)).collect()
         };
         let every: Vec<u64> = (1..=20).collect();
         let two = Pool::new(
@@ -1142,6 +1147,10 @@ mod tests {
         assert_eq!(due(&two, 0), every, "checks choose between replicas");
         let sole = Pool::new("order", &["http://127.0.0.1:1".into()]).unwrap();
         assert_eq!(due(&sole, 0), [10, 20]);
+        assert!(
+            check_due(&sole, 0, 1, 11),
+            "one check failed: the next is due"
+        );
         sole.checked(0, false);
         assert_eq!(due(&sole, 0), every, "unready: watched for recovery");
         sole.checked(0, true);
