@@ -292,6 +292,14 @@ impl Db {
         self.backend
     }
 
+    /// Whether this process is the database's only writer: a SQLite file
+    /// belongs to one process, PostgreSQL tables are shared by replicas.
+    /// What only this process writes, it can keep track of in memory and be
+    /// woken for by its own commits instead of polling.
+    pub fn single_process(&self) -> bool {
+        self.backend == Backend::Sqlite
+    }
+
     /// Begins a write transaction. On SQLite it takes the write lock up
     /// front (`BEGIN IMMEDIATE`): a transaction that reads and then writes
     /// would otherwise fail with `SQLITE_BUSY` instead of waiting when

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 
 use crate::{
     bus::{Bus, OutgoingEvent},
-    db::{Backend, Db, Params, Query, Tx},
+    db::{Db, Params, Query, Tx},
     shutdown::Shutdown,
 };
 
@@ -221,9 +221,8 @@ impl OutboxSignal {
 /// Moves committed outbox rows to the bus until shutdown. On shutdown it
 /// drains what is committed first, so a graceful stop leaves nothing behind.
 pub async fn run_relay(db: Db, bus: Bus, signal: OutboxSignal, shutdown: Shutdown) {
-    // A SQLite file belongs to one process, so its relay is the only one and
-    // can keep its place in memory; PostgreSQL tables are shared by replicas.
-    let mut owned = (db.backend() == Backend::Sqlite).then(OwnedOutbox::default);
+    // The only relay of its outbox keeps its place in memory.
+    let mut owned = db.single_process().then(OwnedOutbox::default);
     let gather_max = match bus {
         Bus::Embedded(_) => RELAY_GATHER_MAX,
         Bus::Nats(_) => RELAY_GATHER_MAX_NATS,

@@ -15,7 +15,7 @@ use tokio::{net::TcpListener, sync::Notify, task::JoinSet};
 use crate::{
     bus::Bus,
     consumer::{Consumer, DeadLetter, Handler, Outcome},
-    db::{Backend, Db, DbOptions, Migrations},
+    db::{Db, DbOptions, Migrations},
     http::{self, Path, Problem, Readiness},
     outbox::{self, OutboxSignal},
     shutdown::Shutdown,
@@ -96,9 +96,10 @@ impl ServiceHost {
         Fut: Future<Output = anyhow::Result<Option<i64>>> + Send + 'static,
     {
         let shutdown = self.ctx.shutdown.clone();
-        let max_sleep = match self.ctx.db.backend() {
-            Backend::Sqlite => timer::MAX_SLEEP_OWNED,
-            Backend::Postgres => timer::MAX_SLEEP_SHARED,
+        let max_sleep = if self.ctx.db.single_process() {
+            timer::MAX_SLEEP_OWNED
+        } else {
+            timer::MAX_SLEEP_SHARED
         };
         self.tasks
             .spawn(timer::run(name, wake, max_sleep, shutdown, fire));
