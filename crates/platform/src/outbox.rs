@@ -32,9 +32,21 @@ use crate::{
 /// to a few events.
 const RELAY_EVENTS: i64 = 1_024;
 const RELAY_ROWS: i64 = 64;
-/// The running count of events that cuts a pass (see [`RELAY_EVENTS`]):
-/// `FROM` a subquery of the candidate rows in `seq` order with `events`.
-const WITHIN_BUDGET: &str = "SUM(events) OVER (ORDER BY seq) - events";
+/// The `seq`s of one relay pass: of the `candidates` (a `SELECT seq, events`
+/// in `seq` order), those before the running count of events reaches
+/// `budget` (see [`RELAY_EVENTS`]). The payloads stay out of the window:
+/// SQLite copies every column of a window's rows into a temporary table,
+/// and with them the count took 1.08-1.28 ms for a pass of 21 rows
+/// (536 KB) where reading the same payloads by `seq` afterwards took
+/// 0.15-0.33 ms (sqlite3 3.40, warm cache).
+fn pass_seqs(candidates: &str, budget: &str) -> String {
+    format!(
+        "SELECT seq FROM \
+         (SELECT seq, SUM(events) OVER (ORDER BY seq) - events AS before FROM \
+          ({candidates}) AS candidates) AS counted \
+         WHERE before < {budget}"
+    )
+}
 /// The name dead letters parked by the relay carry.
 const RELAY_NAME: &str = "outbox";
 /// How long a woken relay waits for more commits before it moves a batch,
@@ -320,10 +332,11 @@ impl OwnedOutbox {
     /// Publishes the next batch of rows.
     pub async fn relay(&mut self, db: &Db, bus: &Bus) -> anyhow::Result<Relayed> {
         let rows: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT seq, payload FROM \
-             (SELECT seq, payload, {WITHIN_BUDGET} AS before FROM \
-              (SELECT seq, payload, events FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?)) \
-             WHERE before < ? ORDER BY seq"
+            "SELECT seq, payload FROM outbox WHERE seq IN ({}) ORDER BY seq",
+            pass_seqs(
+                "SELECT seq, events FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                "?"
+            )
         )))
         .bind(self.published)
         .bind(RELAY_ROWS)
@@ -493,16 +506,14 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<Relayed> {
     // allows no row locks beside a window function); rows locked but past
     // the budget stay, locked until this transaction ends.
     let mut params = Params::of(&tx);
-    let mut rows: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
-        "DELETE FROM outbox WHERE seq IN \
-         (SELECT seq FROM \
-          (SELECT seq, {WITHIN_BUDGET} AS before FROM \
-           (SELECT seq, events FROM outbox ORDER BY seq LIMIT {}{}) AS locked) AS counted \
-          WHERE before < {}) \
-         RETURNING seq, payload",
+    let candidates = format!(
+        "SELECT seq, events FROM outbox ORDER BY seq LIMIT {}{}",
         params.one(),
-        db.skip_locked_suffix(),
-        params.one()
+        db.skip_locked_suffix()
+    );
+    let mut rows: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "DELETE FROM outbox WHERE seq IN ({}) RETURNING seq, payload",
+        pass_seqs(&candidates, &params.one())
     )))
     .bind(RELAY_ROWS)
     .bind(RELAY_EVENTS)
