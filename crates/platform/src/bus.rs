@@ -316,14 +316,26 @@ impl Appender {
 /// JetStream stream's `max_age`, and the embedded log's retention. The log
 /// keeps an event longer while a consumer it knows has not passed it.
 pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
-/// How often the embedded log drops what is past its retention; the first
-/// time a minute after it opens, not while the system starts.
-const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// The most events the embedded log keeps (~570 MB at the benchmark's
+/// ~570 bytes an event, index included), however young: at the embedded
+/// shape's full load (~20,000 events/s) 30 days alone bound nothing a disk
+/// holds (~700 MB a minute). Past it, the oldest events every known
+/// consumer has passed go first, as past [`RETENTION`].
+pub const MAX_EVENTS: i64 = 1_000_000;
+/// How often the embedded log looks for what to drop (the first time a
+/// minute after it opens, not while the system starts): every 10 s while
+/// events are appended, so that at full load it deletes ~200,000 at a
+/// time, not an hour's worth; once an hour when nothing is appended (for
+/// the age alone), so an idle log is not read.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+const PRUNE_IDLE_EVERY: Duration = Duration::from_secs(3600);
 const PRUNE_FIRST_AFTER: Duration = Duration::from_secs(60);
 /// Rows deleted per statement, so that the log's one writer (every relay's
-/// appends wait for it) is never held for long: 8–9 ms a statement on a
-/// log of 219,156 events (124 MB), where 5,000 rows took 30–63 ms.
-const PRUNE_CHUNK: i64 = 1_000;
+/// appends wait for it) is never held for long. Under load (embedded, 2,000
+/// orders/s, pruning to 100,000 events, sqlx's statement log): 1,000 rows
+/// took 8.0 ms at the median, 14.2 at p90, 25.4 at most; 250 rows 2.4 / 4.5
+/// / 14.8 ms (1,124 ms of the writer in all for ~96,000 rows).
+const PRUNE_CHUNK: i64 = 250;
 
 /// Events the tail keeps: ~0.7 s of the embedded shape's peak rate, far
 /// more than any consumer trails by when it keeps up (~10-100 ms), and a
@@ -379,7 +391,10 @@ impl EventLog {
             },
         );
         tokio::spawn(task);
-        tokio::spawn(prune_until_closed(db.clone()));
+        tokio::spawn(prune_until_closed(
+            db.clone(),
+            appender.last_seq.subscribe(),
+        ));
         Ok(EventLog {
             db,
             last_seq: appender.last_seq,
@@ -449,37 +464,51 @@ impl EventLog {
         self.db.close().await;
     }
 
-    /// Deletes the events appended before `before` (epoch ms) that every
-    /// consumer whose position the log keeps has passed; returns how many.
-    /// A consumer that has not saved a position yet holds nothing back (it
-    /// starts from what is retained, as on JetStream); one that has,
-    /// however long ago, keeps what it has not read, so a consumer that
-    /// was down past the retention still gets every event it missed.
-    pub async fn prune(&self, before: i64) -> anyhow::Result<u64> {
-        prune(&self.db, before).await
+    /// Deletes the events appended before `before` (epoch ms), and the
+    /// oldest beyond the newest `max_events`, that every consumer whose
+    /// position the log keeps has passed; returns how many. A consumer
+    /// that has not saved a position yet holds nothing back (it starts
+    /// from what is retained, as on JetStream); one that has, however long
+    /// ago, keeps what it has not read, so a consumer that was down past
+    /// the retention still gets every event it missed.
+    pub async fn prune(&self, before: i64, max_events: i64) -> anyhow::Result<u64> {
+        prune(&self.db, before, max_events).await
     }
 }
 
 /// [`EventLog::prune`] of the log in `db`.
-async fn prune(db: &Db, before: i64) -> anyhow::Result<u64> {
+async fn prune(db: &Db, before: i64, max_events: i64) -> anyhow::Result<u64> {
     // Positions are saved lazily, so the saved minimum trails what the
     // consumers have acknowledged: never ahead of it.
-    let passed: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MIN(position), 0) FROM consumer_positions")
-            .fetch_one(db.reader())
-            .await?;
+    let (passed, newest): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COALESCE(MIN(position), 0) FROM consumer_positions), \
+                (SELECT COALESCE(MAX(seq), 0) FROM events)",
+    )
+    .fetch_one(db.reader())
+    .await?;
+    // `seq`s have gaps (an append that lost a race for an event id), so
+    // at most `max_events` are left above the cut.
+    let beyond = newest.saturating_sub(max_events.max(1));
     // `appended_at` rises with `seq` (one appender at a time, in `seq`
     // order; a clock set back only keeps events longer), so the old
     // events are a prefix: the first young one bounds it. The scan for it
-    // stops at `passed`, however many old events a consumer holds back.
-    let young: Option<i64> = sqlx::query_scalar(
-        "SELECT seq FROM events WHERE seq <= $1 AND appended_at >= $2 ORDER BY seq LIMIT 1",
-    )
-    .bind(passed)
-    .bind(before)
-    .fetch_optional(db.reader())
-    .await?;
-    let upto = young.map_or(passed, |seq| seq - 1);
+    // starts past what the count drops anyway and stops at `passed`,
+    // however many old events a consumer holds back.
+    let young: Option<i64> = if beyond >= passed {
+        None
+    } else {
+        sqlx::query_scalar(
+            "SELECT seq FROM events WHERE seq > $1 AND seq <= $2 AND appended_at >= $3 \
+             ORDER BY seq LIMIT 1",
+        )
+        .bind(beyond)
+        .bind(passed)
+        .bind(before)
+        .fetch_optional(db.reader())
+        .await?
+    };
+    let old = young.map_or(passed, |seq| seq - 1);
+    let upto = old.max(beyond).min(passed);
     // The newest event always stays: appends number theirs after the
     // largest `seq` in the table, and an empty table would start again at
     // 1, behind every consumer's position.
@@ -502,18 +531,33 @@ async fn prune(db: &Db, before: i64) -> anyhow::Result<u64> {
     }
 }
 
-/// Prunes the log (see [`EventLog::prune`]) every [`PRUNE_EVERY`] until it
-/// is closed. Without it the log kept every event: ~700 MB a minute at the
-/// embedded shape's full load.
-async fn prune_until_closed(db: Db) {
+/// Prunes the log (see [`EventLog::prune`]) until it is closed: every
+/// [`PRUNE_EVERY`] when `head` (the last appended `seq`) has moved since,
+/// every [`PRUNE_IDLE_EVERY`] regardless. Without it the log kept every
+/// event: ~700 MB a minute at the embedded shape's full load.
+async fn prune_until_closed(db: Db, head: watch::Receiver<i64>) {
     tokio::time::sleep(PRUNE_FIRST_AFTER).await;
+    let mut pruned_at: Option<(i64, tokio::time::Instant)> = None;
     while !db.is_closed() {
-        let before = now_ms() - RETENTION.as_millis() as i64;
-        match prune(&db, before).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(events = n, "pruned the event log past its retention"),
-            Err(e) if db.is_closed() => drop(e),
-            Err(e) => tracing::warn!(error = %e, "pruning the event log failed"),
+        let now = (*head.borrow(), tokio::time::Instant::now());
+        let due = pruned_at
+            .is_none_or(|(seq, at)| seq != now.0 || now.1.duration_since(at) >= PRUNE_IDLE_EVERY);
+        if due {
+            let before = now_ms() - RETENTION.as_millis() as i64;
+            // A failed pass is tried again at the next interval.
+            pruned_at = match prune(&db, before, MAX_EVENTS).await {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(events = n, "pruned the event log past its retention");
+                    }
+                    Some(now)
+                }
+                Err(_) if db.is_closed() => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning the event log failed");
+                    None
+                }
+            };
         }
         tokio::time::sleep(PRUNE_EVERY).await;
     }

@@ -964,12 +964,22 @@ async fn read_and_save(sub: &mut restaurant_platform::bus::Subscription, max: us
     batch.len()
 }
 
-/// The embedded log drops events past its retention once every consumer
-/// with a saved position has passed them: never one a known consumer has
-/// not read, never one younger than the cut, and never the newest (the
-/// next append numbers its events after it).
-#[tokio::test]
-async fn the_log_prunes_only_old_events_every_known_consumer_has_passed() {
+/// The positions of every event the log retains.
+async fn positions(log: &EventLog) -> Vec<i64> {
+    let all = log.read_from(0, 100).await.unwrap();
+    all.iter().map(|d| d.position).collect()
+}
+
+/// A log of six events and two consumers, "ahead" and "behind", that have
+/// read nothing yet; the log's directory lives as long as the first.
+async fn six_events_and_two_consumers() -> (
+    tempfile::TempDir,
+    EventLog,
+    Bus,
+    Vec<i64>,
+    restaurant_platform::bus::Subscription,
+    restaurant_platform::bus::Subscription,
+) {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(&dir.path().join("events.db"), false)
         .await
@@ -980,31 +990,80 @@ async fn the_log_prunes_only_old_events_every_known_consumer_has_passed() {
             .await
             .unwrap();
     }
-    let positions = |log: EventLog| async move {
-        let all = log.read_from(0, 100).await.unwrap();
-        all.iter().map(|d| d.position).collect::<Vec<_>>()
-    };
-    let first = positions(log.clone()).await;
+    let first = positions(&log).await;
     assert_eq!(first.len(), 6);
-    let mut ahead = bus.subscribe("ahead", Recorder::TYPES).await.unwrap();
-    let mut behind = bus.subscribe("behind", Recorder::TYPES).await.unwrap();
+    let ahead = bus.subscribe("ahead", Recorder::TYPES).await.unwrap();
+    let behind = bus.subscribe("behind", Recorder::TYPES).await.unwrap();
+    (dir, log, bus, first, ahead, behind)
+}
+
+/// The embedded log drops events past its retention once every consumer
+/// with a saved position has passed them: never one a known consumer has
+/// not read, never one younger than the cut, and never the newest (the
+/// next append numbers its events after it).
+#[tokio::test]
+async fn the_log_prunes_only_old_events_every_known_consumer_has_passed() {
+    let (_dir, log, bus, first, mut ahead, mut behind) = six_events_and_two_consumers().await;
     assert_eq!(read_and_save(&mut ahead, 4).await, 4);
     assert_eq!(read_and_save(&mut behind, 2).await, 2);
 
     let day = 86_400_000;
     let now = restaurant_contract::now_ms();
-    assert_eq!(log.prune(now - day).await.unwrap(), 0, "nothing is old yet");
-    assert_eq!(log.prune(now + day).await.unwrap(), 2, "what both passed");
-    assert_eq!(positions(log.clone()).await, first[2..]);
+    let all = i64::MAX;
+    assert_eq!(
+        log.prune(now - day, all).await.unwrap(),
+        0,
+        "nothing is old yet"
+    );
+    assert_eq!(
+        log.prune(now + day, all).await.unwrap(),
+        2,
+        "what both passed"
+    );
+    assert_eq!(positions(&log).await, first[2..]);
 
     assert_eq!(read_and_save(&mut behind, 10).await, 4);
     assert_eq!(read_and_save(&mut ahead, 10).await, 2);
-    assert_eq!(log.prune(now + day).await.unwrap(), 3, "all but the newest");
-    assert_eq!(positions(log.clone()).await, first[5..]);
+    assert_eq!(
+        log.prune(now + day, all).await.unwrap(),
+        3,
+        "all but the newest"
+    );
+    assert_eq!(positions(&log).await, first[5..]);
 
     // The sequence goes on after the newest, and both consumers get it.
     bus.publish(&[outgoing(&placed("later"))]).await.unwrap();
-    assert_eq!(positions(log.clone()).await, [first[5], first[5] + 1]);
+    assert_eq!(positions(&log).await, [first[5], first[5] + 1]);
+    assert_eq!(read_and_save(&mut ahead, 10).await, 1);
+    assert_eq!(read_and_save(&mut behind, 10).await, 1);
+}
+
+/// Beyond its most events the log drops the oldest, however young, and
+/// again only what every known consumer has passed; never the newest.
+#[tokio::test]
+async fn the_log_keeps_at_most_its_newest_events_that_every_known_consumer_has_passed() {
+    let (_dir, log, bus, first, mut ahead, mut behind) = six_events_and_two_consumers().await;
+    assert_eq!(read_and_save(&mut ahead, 5).await, 5);
+    assert_eq!(read_and_save(&mut behind, 1).await, 1);
+
+    let young = restaurant_contract::now_ms() - 86_400_000;
+    assert_eq!(log.prune(young, 6).await.unwrap(), 0, "within the bound");
+    assert_eq!(log.prune(young, 2).await.unwrap(), 1, "what both passed");
+    assert_eq!(positions(&log).await, first[1..]);
+
+    assert_eq!(read_and_save(&mut behind, 10).await, 5);
+    assert_eq!(
+        log.prune(young, 2).await.unwrap(),
+        3,
+        "down to the newest two"
+    );
+    assert_eq!(positions(&log).await, first[4..]);
+    assert_eq!(read_and_save(&mut ahead, 10).await, 1);
+    assert_eq!(log.prune(young, 0).await.unwrap(), 1, "the newest stays");
+    assert_eq!(positions(&log).await, first[5..]);
+
+    bus.publish(&[outgoing(&placed("later"))]).await.unwrap();
+    assert_eq!(positions(&log).await, [first[5], first[5] + 1]);
     assert_eq!(read_and_save(&mut ahead, 10).await, 1);
     assert_eq!(read_and_save(&mut behind, 10).await, 1);
 }
