@@ -10,7 +10,13 @@
 use std::time::Duration;
 
 use restaurant::{System, UpConfig};
-use serde_json::{Value, json};
+
+// The API suite's client (its system is started here: the embedded shape
+// whatever RESTAURANT_TEST_SHAPE says, since the counters are this
+// process's); most of the helpers go unused.
+#[path = "api/helpers.rs"]
+#[allow(dead_code)]
+mod helpers;
 
 /// The sum of every series of `name` whose labels contain all of `labels`.
 fn counter(metrics: &str, name: &str, labels: &[&str]) -> f64 {
@@ -34,58 +40,19 @@ async fn an_idle_system_reads_nothing_and_checks_rarely() {
     cfg.delivery_time = Some(Duration::ZERO);
     cfg.seed_demo_menu = false;
     let system = System::start(cfg).await.unwrap();
-    let url = system.gateway_url.clone();
-    let http = reqwest::Client::new();
+    let app = helpers::TestApp::attach(&system.gateway_url);
     let metrics = || async {
-        let res = http.get(format!("{url}/metrics")).send().await.unwrap();
+        let res = app.get("/metrics").await;
         assert!(res.status().is_success());
         res.text().await.unwrap()
     };
     // The process-wide recorder exists from the first scrape on.
     metrics().await;
 
-    let res = http
-        .put(format!("{url}/menus/r1/bibimbap"))
-        .json(&json!({"name": "bibimbap", "price": 9000, "stock": 5}))
-        .send()
-        .await
-        .unwrap();
-    assert!(res.status().is_success());
-    let res = http
-        .post(format!("{url}/orders"))
-        .json(&json!({"customerId": "idle", "restaurantId": "r1",
-            "items": [{"menuId": "bibimbap", "qty": 1}], "address": "1 Jongno, Seoul"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let id = res.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let views: Value = http
-            .get(format!("{url}/mypages?customerId=idle"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let delivered = views.as_array().is_some_and(|v| {
-            v.iter()
-                .any(|o| o["orderId"] == id.as_str() && o["orderStatus"] == "DELIVERED")
-        });
-        if delivered {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not delivered: {views}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.set_menu("r1", "bibimbap", 5).await;
+    let id = app.place_ok("idle", "r1", &[("bibimbap", 1)]).await;
+    app.wait_mypage(&id, |v| v["orderStatus"] == "DELIVERED")
+        .await;
     // Relays delete what they published within 200 ms; let them.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 

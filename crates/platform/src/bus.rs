@@ -489,15 +489,17 @@ async fn prune(db: &Db, before: i64, max_events: i64) -> anyhow::Result<u64> {
     // `seq`s have gaps (an append that lost a race for an event id), so
     // at most `max_events` are left above the cut.
     let beyond = newest.saturating_sub(max_events.max(1));
-    // `appended_at` rises with `seq` (one appender at a time, in `seq`
-    // order; a clock set back only keeps events longer), so the old
-    // events are a prefix: the first young one bounds it. The scan for it
-    // starts past what the count drops anyway and stops at `passed`,
-    // however many old events a consumer holds back.
-    let young: Option<i64> = if beyond >= passed {
-        None
+    let upto = if beyond >= passed {
+        // All that every consumer has passed is beyond the bound.
+        passed
     } else {
-        sqlx::query_scalar(
+        // `appended_at` rises with `seq` (one appender at a time, in `seq`
+        // order; a clock set back only keeps events longer), so the old
+        // events are a prefix: the first young one bounds it. The scan
+        // starts past what the count drops anyway and stops at `passed`,
+        // however many old events a consumer holds back, so the cut lies
+        // between the two.
+        let young: Option<i64> = sqlx::query_scalar(
             "SELECT seq FROM events WHERE seq > $1 AND seq <= $2 AND appended_at >= $3 \
              ORDER BY seq LIMIT 1",
         )
@@ -505,10 +507,9 @@ async fn prune(db: &Db, before: i64, max_events: i64) -> anyhow::Result<u64> {
         .bind(passed)
         .bind(before)
         .fetch_optional(db.reader())
-        .await?
+        .await?;
+        young.map_or(passed, |seq| seq - 1)
     };
-    let old = young.map_or(passed, |seq| seq - 1);
-    let upto = old.max(beyond).min(passed);
     // The newest event always stays: appends number theirs after the
     // largest `seq` in the table, and an empty table would start again at
     // 1, behind every consumer's position.
@@ -537,6 +538,7 @@ async fn prune(db: &Db, before: i64, max_events: i64) -> anyhow::Result<u64> {
 /// event: ~700 MB a minute at the embedded shape's full load.
 async fn prune_until_closed(db: Db, head: watch::Receiver<i64>) {
     tokio::time::sleep(PRUNE_FIRST_AFTER).await;
+    // The head and the time of the last pass that succeeded.
     let mut pruned_at: Option<(i64, tokio::time::Instant)> = None;
     while !db.is_closed() {
         let now = (*head.borrow(), tokio::time::Instant::now());
