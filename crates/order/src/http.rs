@@ -217,13 +217,9 @@ pub fn placer(db: Db, outbox: OutboxSignal) -> (Placer, impl Future<Output = ()>
 /// Places a batch in one transaction: claims each Idempotency-Key, then
 /// inserts the new orders and their `OrderPlaced` events set-wise.
 async fn place_all(db: &Db, reqs: &[Placement]) -> Result<Vec<Placed>, sqlx::Error> {
-    // Without keys to claim there is nothing to read first: on PostgreSQL
-    // the orders and their events go in as one statement (SQLite has no
-    // writes in `WITH`, and a transaction there costs no network).
-    if db.backend() == Backend::Postgres
-        && reqs.len() <= store::emitting_max(db)
-        && reqs.iter().all(|r| r.key.is_none())
-    {
+    // Without keys to claim there is nothing to read first: the orders and
+    // their events go in as one write (`store::insert_all_emitting`).
+    if reqs.len() <= store::emitting_max(db) && reqs.iter().all(|r| r.key.is_none()) {
         let orders: Vec<&Order> = reqs.iter().map(|r| &r.order).collect();
         store::insert_all_emitting(db, &orders, reqs.iter().map(|r| &r.env)).await?;
         metrics::counter!("orders_placed_total").increment(reqs.len() as u64);

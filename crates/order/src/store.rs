@@ -1,10 +1,13 @@
 //! The order service's SQL. Every write runs inside a transaction the
 //! caller owns, so the state change and its outbox event commit together,
-//! except [`insert_all_emitting`], one statement that writes both.
+//! except [`insert_all_emitting`], one write of both.
 
 use restaurant_contract::{Envelope, OrderLine};
 use restaurant_platform::{
-    db::{Db, Params, Query, Tx, rows_per_statement, rows_per_statement_on, select_for_update},
+    db::{
+        Backend, Db, Params, Query, Tx, rows_per_statement, rows_per_statement_on,
+        select_for_update,
+    },
     outbox,
 };
 use sqlx::{AssertSqlSafe, Row, any::AnyRow};
@@ -88,11 +91,13 @@ pub fn emitting_max(db: &Db) -> usize {
         .max(1)
 }
 
-/// On PostgreSQL: inserts new orders (at most [`emitting_max`]) and appends
-/// their events in one statement, a data-modifying `WITH`, which commits by
-/// itself. A transaction of the same two inserts is four round trips to
-/// the server (`BEGIN`, two statements, `COMMIT`), each waiting for a core
-/// on a busy machine; this is one.
+/// Inserts new orders (at most [`emitting_max`]) and appends their events
+/// as one write ([`Db::write_as_one`]): on PostgreSQL one statement, a
+/// data-modifying `WITH`, which commits by itself; on SQLite the two
+/// inserts between `BEGIN IMMEDIATE` and `COMMIT`, sent as one text. A
+/// transaction of the same two inserts is four round trips to the server
+/// or to SQLite's thread (`BEGIN`, two statements, `COMMIT`), each waiting
+/// for a core on a busy machine; this is one.
 pub async fn insert_all_emitting<'e>(
     db: &Db,
     orders: &[&Order],
@@ -101,14 +106,13 @@ pub async fn insert_all_emitting<'e>(
     let mut params = Params::for_db(db);
     let values = params.rows(orders.len(), COLUMN_COUNT);
     let emit = outbox::insert_sql(&mut params);
-    let q = sqlx::query(AssertSqlSafe(format!(
-        "WITH placed AS (INSERT INTO orders ({COLUMNS}) VALUES {values}) {emit}"
-    )))
-    .persistent(false);
-    outbox::bind_row(bind_all(q, orders), events)
-        .execute(db.writer())
-        .await?;
-    Ok(())
+    let insert = format!("INSERT INTO orders ({COLUMNS}) VALUES {values}");
+    let writes = match db.backend() {
+        Backend::Postgres => format!("WITH placed AS ({insert}) {emit}"),
+        Backend::Sqlite => format!("{insert}; {emit}"),
+    };
+    db.write_as_one(&writes, |q| outbox::bind_row(bind_all(q, orders), events))
+        .await
 }
 
 /// Saves a changed order.

@@ -311,6 +311,48 @@ impl Db {
         }
     }
 
+    /// Runs `writes` — statements that together make one transaction and
+    /// return nothing — as one text, its arguments bound by `bind` in the
+    /// statements' order. On PostgreSQL `writes` must be one statement
+    /// (which commits by itself; several writes go in as one with
+    /// data-modifying `WITH`s). On SQLite it is wrapped in `BEGIN
+    /// IMMEDIATE` … `COMMIT` and reaches the writer connection's thread at
+    /// once: one round trip instead of four for a transaction of two
+    /// statements, each a wait for a core on a busy machine. If any part
+    /// fails, the transaction is rolled back before the connection goes
+    /// back to the pool, and the connection is closed if even that fails,
+    /// so no later user finds a transaction left open.
+    pub async fn write_as_one<'q>(
+        &self,
+        writes: &str,
+        bind: impl FnOnce(Query<'q>) -> Query<'q>,
+    ) -> Result<(), sqlx::Error> {
+        let sql = match self.backend {
+            Backend::Postgres => {
+                let q = bind(sqlx::query(AssertSqlSafe(writes.to_owned())).persistent(false));
+                q.execute(&self.write).await?;
+                return Ok(());
+            }
+            Backend::Sqlite => format!("BEGIN IMMEDIATE; {writes}; COMMIT"),
+        };
+        let mut conn = self.write.acquire().await?;
+        let q = bind(sqlx::query(AssertSqlSafe(sql)).persistent(false));
+        let Err(failed) = q.execute(&mut *conn).await else {
+            return Ok(());
+        };
+        // `BEGIN IMMEDIATE` itself may be what failed (a lock not granted
+        // in time): then there is nothing to roll back.
+        match conn.execute("ROLLBACK").await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("no transaction is active") => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "rollback failed; closing the connection");
+                conn.close_on_drop();
+            }
+        }
+        Err(failed)
+    }
+
     /// The pool for reads that need no transaction.
     pub fn reader(&self) -> &AnyPool {
         &self.read
@@ -637,6 +679,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Writes sent as one text on SQLite commit together or not at all: a
+    /// statement that fails after another has run takes that one back,
+    /// and the writer goes back to the pool outside any transaction (the
+    /// next write and an ordinary transaction both work on it).
+    #[tokio::test]
+    async fn writes_sent_as_one_commit_all_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("one.db").display());
+        let db = super::Db::open(&url, Default::default()).await.unwrap();
+        sqlx::query("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+            .execute(db.writer())
+            .await
+            .unwrap();
+        let rows = || async {
+            sqlx::query_scalar::<_, Option<String>>("SELECT group_concat(v, ',') FROM t")
+                .fetch_one(db.reader())
+                .await
+                .unwrap()
+                .unwrap_or_default()
+        };
+        // Rows k ("v{k}") and then k + 1 (`second`).
+        let write = |second: &str, k: i64| {
+            let writes = format!("INSERT INTO t VALUES (?, ?); {second}");
+            let db = db.clone();
+            async move {
+                db.write_as_one(&writes, |q| q.bind(k).bind(format!("v{k}")).bind(k + 1))
+                    .await
+            }
+        };
+        let pair = "INSERT INTO t (k, v) VALUES (?, 'next')";
+        write(pair, 1).await.unwrap();
+        write(pair, 3).await.unwrap();
+        assert_eq!(rows().await, "v1,next,v3,next");
+        // Row 0 goes in, then row 1 violates the key.
+        assert!(write(pair, 0).await.is_err());
+        assert_eq!(rows().await, "v1,next,v3,next", "row 0 is taken back");
+        // Row 7 goes in, then a statement that cannot even be prepared.
+        assert!(write("INSERT INTO missing VALUES (?)", 7).await.is_err());
+        assert_eq!(rows().await, "v1,next,v3,next", "row 7 is taken back");
+        let mut tx = db
+            .begin()
+            .await
+            .expect("the writer is outside a transaction");
+        sqlx::query("INSERT INTO t VALUES (9, 'v9')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        write(pair, 10).await.unwrap();
+        assert_eq!(rows().await, "v1,next,v3,next,v9,v10,next");
     }
 
     #[test]
