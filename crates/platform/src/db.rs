@@ -319,9 +319,10 @@ impl Db {
     /// IMMEDIATE` … `COMMIT` and reaches the writer connection's thread at
     /// once: one round trip instead of four for a transaction of two
     /// statements, each a wait for a core on a busy machine. If any part
-    /// fails, the transaction is rolled back before the connection goes
-    /// back to the pool, and the connection is closed if even that fails,
-    /// so no later user finds a transaction left open.
+    /// fails, or the caller stops waiting, the transaction is rolled back
+    /// before the connection goes back to the pool (and the connection is
+    /// closed if even that fails), so no later user finds a transaction
+    /// left open.
     pub async fn write_as_one<'q>(
         &self,
         writes: &str,
@@ -335,22 +336,18 @@ impl Db {
             }
             Backend::Sqlite => format!("BEGIN IMMEDIATE; {writes}; COMMIT"),
         };
-        let mut conn = self.write.acquire().await?;
+        let mut writer = RollbackUnlessDone(Some(self.write.acquire().await?));
+        let conn = writer.0.as_mut().expect("held until done");
         let q = bind(sqlx::query(AssertSqlSafe(sql)).persistent(false));
-        let Err(failed) = q.execute(&mut *conn).await else {
-            return Ok(());
-        };
-        // `BEGIN IMMEDIATE` itself may be what failed (a lock not granted
-        // in time): then there is nothing to roll back.
-        match conn.execute("ROLLBACK").await {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains("no transaction is active") => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "rollback failed; closing the connection");
-                conn.close_on_drop();
+        let outcome = q.execute(&mut **conn).await;
+        let conn = writer.0.take().expect("held until done");
+        match outcome {
+            Ok(_) => Ok(()),
+            Err(failed) => {
+                roll_back(conn).await;
+                Err(failed)
             }
         }
-        Err(failed)
     }
 
     /// The pool for reads that need no transaction.
@@ -389,6 +386,39 @@ impl Db {
 
     pub fn is_closed(&self) -> bool {
         self.write.is_closed()
+    }
+}
+
+/// The writer of a [`Db::write_as_one`] in flight on SQLite. Dropped
+/// before the text's end (its caller stopped waiting: sqlx-sqlite then
+/// stops the text after the statement running, so `BEGIN` may have run
+/// and `COMMIT` not), it rolls back on a task of its own; the `ROLLBACK`
+/// queues behind that statement on the connection's thread.
+struct RollbackUnlessDone(Option<sqlx::pool::PoolConnection<Any>>);
+
+impl Drop for RollbackUnlessDone {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(roll_back(conn))),
+                // No runtime left to roll back on: never reuse it.
+                Err(_) => conn.close_on_drop(),
+            }
+        }
+    }
+}
+
+/// Ends whatever transaction `conn` may be in. `BEGIN IMMEDIATE` itself may
+/// be what failed (a lock not granted in time), or the text may have
+/// committed: then there is nothing to roll back.
+async fn roll_back(mut conn: sqlx::pool::PoolConnection<Any>) {
+    match conn.execute("ROLLBACK").await {
+        Ok(_) => {}
+        Err(e) if e.to_string().contains("no transaction is active") => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "rollback failed; closing the connection");
+            conn.close_on_drop();
+        }
     }
 }
 
@@ -731,6 +761,24 @@ mod tests {
         tx.commit().await.unwrap();
         write(pair, 10).await.unwrap();
         assert_eq!(rows().await, "v1,next,v3,next,v9,v10,next");
+        // The caller stops waiting while a slow second statement runs, after
+        // `BEGIN` and the first insert: that transaction is taken back too,
+        // and the writer is usable again.
+        let slow = "INSERT INTO t (k, v) SELECT ?, 'slow' WHERE (WITH RECURSIVE \
+                    c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) \
+                    SELECT count(*) FROM c) > 0";
+        let started = std::time::Instant::now();
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(30), write(slow, 20)).await;
+        assert!(gave_up.is_err(), "the slow statement outlasts the wait");
+        write(pair, 30)
+            .await
+            .expect("the writer is outside a transaction");
+        assert!(
+            started.elapsed() > std::time::Duration::from_millis(30),
+            "the next write waited for the abandoned one"
+        );
+        assert_eq!(rows().await, "v1,next,v3,next,v9,v10,next,v30,next");
     }
 
     #[test]
