@@ -329,16 +329,16 @@ impl Db {
         bind: impl FnOnce(Query<'q>) -> Query<'q>,
     ) -> Result<(), sqlx::Error> {
         let sql = match self.backend {
-            Backend::Postgres => {
-                let q = bind(sqlx::query(AssertSqlSafe(writes.to_owned())).persistent(false));
-                q.execute(&self.write).await?;
-                return Ok(());
-            }
+            Backend::Postgres => writes.to_owned(),
             Backend::Sqlite => format!("BEGIN IMMEDIATE; {writes}; COMMIT"),
         };
+        let q = bind(sqlx::query(AssertSqlSafe(sql)).persistent(false));
+        if self.backend == Backend::Postgres {
+            q.execute(&self.write).await?;
+            return Ok(());
+        }
         let mut writer = RollbackUnlessDone(Some(self.write.acquire().await?));
         let conn = writer.0.as_mut().expect("held until done");
-        let q = bind(sqlx::query(AssertSqlSafe(sql)).persistent(false));
         let outcome = q.execute(&mut **conn).await;
         let conn = writer.0.take().expect("held until done");
         match outcome {
