@@ -69,6 +69,10 @@ pub struct Report {
     pub concurrency: usize,
     /// The open-loop rate, or `None` for a closed-loop run.
     pub offered_per_sec: Option<f64>,
+    /// The slowest placement due in each second of the run (ms), so that a
+    /// p99 over its bound can be told apart: a stall of a second or two
+    /// stands out, a system slow throughout does not.
+    pub place_max_ms_by_second: Vec<f64>,
 }
 
 /// Microsecond histograms up to an hour, 3 significant digits.
@@ -208,6 +212,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         let schedule = schedule.clone();
         workers.push(tokio::spawn(async move {
             let mut place = histogram();
+            let mut max_by_second = Vec::<u64>::new();
             let mut n = 0u64;
             while Instant::now() < deadline
                 && budget
@@ -251,7 +256,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                                 continue;
                             }
                         };
-                        let _ = place.record(due.elapsed().as_micros().max(1) as u64);
+                        let took = due.elapsed().as_micros().max(1) as u64;
+                        let _ = place.record(took);
+                        slowest_in_second(&mut max_by_second, due - started, took);
                         shared.placed.fetch_add(1, Ordering::Relaxed);
                         let id = v["id"].as_str().unwrap_or_default().to_owned();
                         let created_at = v["createdAt"].as_str().and_then(parse_ms).unwrap_or(0);
@@ -268,7 +275,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                     Err(e) => shared.error(error_kind(&e)),
                 }
             }
-            place
+            (place, max_by_second)
         }));
     }
 
@@ -298,8 +305,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     };
 
     let mut place = histogram();
+    let mut max_by_second = Vec::new();
     for w in workers {
-        place.add(w.await?).expect("same bounds");
+        let (h, by_second) = w.await?;
+        place.add(h).expect("same bounds");
+        for (second, us) in by_second.into_iter().enumerate() {
+            slowest_in_second(&mut max_by_second, Duration::from_secs(second as u64), us);
+        }
     }
     let placed_for = started.elapsed();
     // Drain: give the orders in flight time to finish.
@@ -354,7 +366,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         duration_secs: (placed_for.as_secs_f64() * 100.0).round() / 100.0,
         concurrency: args.concurrency,
         offered_per_sec: args.rate,
+        place_max_ms_by_second: max_by_second
+            .into_iter()
+            .map(|us| us as f64 / 1000.0)
+            .collect(),
     })
+}
+
+/// Keeps in `by_second[s]` the largest `us` of those due in second `s` of
+/// the run.
+fn slowest_in_second(by_second: &mut Vec<u64>, due: Duration, us: u64) {
+    let s = due.as_secs() as usize;
+    if by_second.len() <= s {
+        by_second.resize(s + 1, 0);
+    }
+    by_second[s] = by_second[s].max(us);
 }
 
 /// The open-loop timetable: order `i` is due `i / per_sec` after the start.
@@ -483,6 +509,7 @@ impl Report {
              orders completed:       {} (reached DELIVERED on MyPage)\n\
              completed orders/s:     {:.1} (completed / time from the first placement to the last completion)\n\
              placement latency ms:   {}\n\
+             slowest second:         {}\n\
              placed→delivered ms:    p50 {:.2}  p99 {:.2}\n\
              MyPage staleness ms:    p50 {:.2}  p99 {:.2}\n\
              errors:                 {errors}\n\
@@ -491,6 +518,15 @@ impl Report {
             self.orders_completed,
             self.completed_per_sec,
             p(&self.place_latency_ms),
+            match self
+                .place_max_ms_by_second
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+            {
+                Some((second, ms)) => format!("{second} s in, its slowest placement {ms:.2} ms"),
+                None => "none placed".to_owned(),
+            },
             self.end_to_end_latency_ms.p50,
             self.end_to_end_latency_ms.p99,
             self.mypage_lag_ms.p50,

@@ -43,6 +43,17 @@ fn assert_consistent(r: &Report) {
     }
     assert!(r.place_latency_ms.p50 > 0.0, "{r:?}");
     assert!(r.completed_per_sec > 0.0, "{r:?}");
+    // The slowest second holds the slowest placement (the histogram keeps
+    // 3 significant digits of it).
+    let slowest = r.place_max_ms_by_second.iter().copied().fold(0.0, f64::max);
+    assert!(
+        (slowest - r.place_latency_ms.max).abs() <= slowest / 500.0 + 0.01,
+        "{r:?}"
+    );
+    assert!(
+        r.place_max_ms_by_second.len() as f64 <= r.duration_secs.ceil() + 1.0,
+        "{r:?}"
+    );
 }
 
 #[tokio::test]
@@ -79,6 +90,12 @@ async fn an_open_loop_bench_offers_its_rate_and_no_more() {
     // 2 s at 100/s: 200 orders due. A slow machine may leave the last few
     // unclaimed at the deadline, never place more.
     assert!((150..=200).contains(&report.orders_placed), "{report:?}");
+    // Orders were due in both seconds, each of which had a slowest one.
+    assert_eq!(report.place_max_ms_by_second.len(), 2, "{report:?}");
+    assert!(
+        report.place_max_ms_by_second.iter().all(|&ms| ms > 0.0),
+        "{report:?}"
+    );
     assert_eq!(report.offered_per_sec, Some(100.0));
     app.stop().await;
 }
