@@ -195,8 +195,9 @@ impl Launcher {
 pub async fn open_bus(cfg: &UpConfig) -> anyhow::Result<(Bus, Option<EventLog>)> {
     match &cfg.nats_url {
         Some(url) => {
-            let nats = NatsBus::connect(url, &cfg.stream).await?;
-            Ok((Bus::Nats(std::sync::Arc::new(nats)), None))
+            let nats = std::sync::Arc::new(NatsBus::connect(url, &cfg.stream).await?);
+            nats.spawn_pruner();
+            Ok((Bus::Nats(nats), None))
         }
         None => {
             let log = EventLog::open(&cfg.data_dir.join("events.db"), cfg.fsync)

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use restaurant_contract::{Cause, Envelope, Event, Reason, new_id};
-use restaurant_platform::bus::{Bus, NatsBus, OutgoingEvent, delete_nats_stream};
+use restaurant_platform::bus::{Bus, Delivery, NatsBus, OutgoingEvent, delete_nats_stream};
 
 fn url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -164,22 +164,91 @@ async fn a_rows_events_travel_packed_and_a_message_is_acked_only_when_all_are_ha
     assert_eq!(settled(0).await, 0);
 
     // A replay hands out every event by itself too, in stream order.
-    let mut replay = bus.replay(0).await.unwrap();
-    let mut replayed = Vec::new();
-    loop {
-        let next = replay.next_batch(100).await.unwrap();
-        if next.is_empty() {
-            break;
-        }
-        replayed.extend(
-            next.iter()
-                .map(|d| Envelope::from_json(d.payload.as_bytes()).unwrap().event_id),
-        );
-    }
+    let replayed: Vec<String> = replay_all(&bus)
+        .await
+        .iter()
+        .map(|d| Envelope::from_json(d.payload.as_bytes()).unwrap().event_id)
+        .collect();
     let in_stream_order: Vec<String> = [0, 2, 3, 1, 4]
         .iter()
         .map(|&i| batch[i].event_id.clone())
         .collect();
     assert_eq!(replayed, in_stream_order);
+    delete_nats_stream(&url(), &stream).await.unwrap();
+}
+
+/// Everything the stream holds, through a replay.
+async fn replay_all(bus: &Bus) -> Vec<Delivery> {
+    let mut replay = bus.replay(0).await.unwrap();
+    let mut all = Vec::new();
+    loop {
+        let batch = replay.next_batch(100).await.unwrap();
+        if batch.is_empty() {
+            return all;
+        }
+        all.extend(batch);
+    }
+}
+
+/// Prunes until `want` messages have gone in all (acknowledgements reach
+/// the consumers' state on the server a moment after they are sent), and
+/// never more.
+async fn prune_until(nats: &NatsBus, max_messages: u64, want: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut purged = 0;
+    while purged < want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "purged {purged} of {want}"
+        );
+        purged += nats.prune(max_messages).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(purged, want);
+}
+
+/// The stream keeps its newest messages, and every message a durable
+/// consumer has not acknowledged however far behind it is; the rest goes.
+/// A consumer whose type stops arriving and a replay in progress hold
+/// nothing back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_drops_only_what_every_durable_consumer_acknowledged_beyond_the_bound() {
+    let stream = format!("rt_{}", new_id().replace('-', ""));
+    let nats = std::sync::Arc::new(
+        NatsBus::connect(&url(), &stream)
+            .await
+            .expect("NATS with JetStream must be reachable at NATS_URL: run scripts/services.sh"),
+    );
+    let bus = Bus::Nats(nats.clone());
+    const REJECTED: &[&str] = &["OrderRejected"];
+    const CANCELLED: &[&str] = &["OrderCancelled"];
+    let mut reader = bus.subscribe("reader", REJECTED).await.unwrap();
+    let _idle = bus.subscribe("idle", CANCELLED).await.unwrap();
+    // Ten messages, sequences 1 to 10.
+    let events: Vec<_> = (0..10).map(|_| event("OrderRejected")).collect();
+    bus.publish(&events).await.unwrap();
+    let _replay = bus.replay(0).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let batch = reader.next_batch(10, Duration::from_secs(5)).await.unwrap();
+        assert!(!batch.is_empty(), "timed out; got {}", got.len());
+        got.extend(batch);
+    }
+    assert_eq!(nats.prune(2).await.unwrap(), 0, "nothing acknowledged yet");
+
+    reader.ack(&got[..6]).await.unwrap();
+    // Beyond the bound of 2 are 1 to 8; the reader has acknowledged 1 to 6.
+    prune_until(&nats, 2, 6).await;
+    assert_eq!(nats.prune(2).await.unwrap(), 0, "7 and 8 are unread");
+
+    reader.ack(&got[6..]).await.unwrap();
+    // Nothing is pending for the reader: the bound alone keeps 9 and 10.
+    prune_until(&nats, 2, 2).await;
+
+    // A consumer that has read nothing yet keeps what is left.
+    let _late = bus.subscribe("late", REJECTED).await.unwrap();
+    assert_eq!(nats.prune(0).await.unwrap(), 0);
+    let left: Vec<i64> = replay_all(&bus).await.iter().map(|d| d.position).collect();
+    assert_eq!(left, [9, 10]);
     delete_nats_stream(&url(), &stream).await.unwrap();
 }
