@@ -1067,3 +1067,23 @@ async fn the_log_keeps_at_most_its_newest_events_that_every_known_consumer_has_p
     assert_eq!(read_and_save(&mut ahead, 10).await, 1);
     assert_eq!(read_and_save(&mut behind, 10).await, 1);
 }
+
+/// A pass larger than one statement's chunk deletes in several, resting
+/// between them, and still leaves only the newest.
+#[tokio::test]
+async fn the_log_prunes_a_backlog_larger_than_a_chunk_in_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(&dir.path().join("events.db"), false)
+        .await
+        .unwrap();
+    let bus = Bus::Embedded(log.clone());
+    let mut reader = bus.subscribe("reader", Recorder::TYPES).await.unwrap();
+    let batch: Vec<_> = (0..600)
+        .map(|i| outgoing(&placed(&format!("p{i}"))))
+        .collect();
+    bus.publish(&batch).await.unwrap();
+    assert_eq!(read_and_save(&mut reader, 1_000).await, 600);
+    let young = restaurant_contract::now_ms() - 86_400_000;
+    assert_eq!(log.prune(young, 1).await.unwrap(), 599);
+    assert_eq!(log.read_from(0, 1_000).await.unwrap().len(), 1);
+}
