@@ -328,11 +328,13 @@ pub const MAX_EVENTS: i64 = 1_000_000;
 /// messages an order at 600 orders/s, distributed), so ~860 MB and ~1.5
 /// million events, about what the log keeps; at one event a message, less.
 pub const MAX_MESSAGES: u64 = 250_000;
-/// How often the embedded log looks for what to drop (the first time a
-/// minute after it opens, not while the system starts): every 10 s while
-/// events are appended, so that at full load it deletes ~200,000 at a
-/// time, not an hour's worth; once an hour when nothing is appended (for
-/// the age alone), so an idle log is not read.
+/// How often the embedded log, and each process on a JetStream stream,
+/// looks for what to drop (the first time a minute after it opens, not
+/// while the system starts): every 10 s while events are appended, so that
+/// at full load the log deletes ~200,000 at a time, not an hour's worth;
+/// once an hour when nothing is appended (for the log, the age alone), so
+/// an idle log is not read (of an idle stream, only its state is asked
+/// for).
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 const PRUNE_IDLE_EVERY: Duration = Duration::from_secs(3600);
 const PRUNE_FIRST_AFTER: Duration = Duration::from_secs(60);
