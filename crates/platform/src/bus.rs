@@ -324,9 +324,10 @@ pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const MAX_EVENTS: i64 = 1_000_000;
 /// The most messages the JetStream stream keeps once every durable
 /// consumer has acknowledged them. A message is the events of one outbox
-/// row and type: under the benchmark's load ~6 events and ~3.5 KB (0.74
-/// messages an order at 600 orders/s, distributed), so ~860 MB and ~1.5
-/// million events, about what the log keeps; at one event a message, less.
+/// row and type: under the benchmark's load ~9 events and ~3.5 KB (0.74
+/// messages for an order's 7 events at 600 orders/s, distributed), so
+/// ~860 MB and ~2.4 million events, against the log's ~570 MB; at one
+/// event a message, far fewer.
 pub const MAX_MESSAGES: u64 = 250_000;
 /// How often the embedded log, and each process on a JetStream stream,
 /// looks for what to drop (the first time a minute after it opens, not
