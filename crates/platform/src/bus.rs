@@ -493,6 +493,39 @@ impl EventLog {
     pub async fn prune(&self, before: i64, max_events: i64) -> anyhow::Result<u64> {
         prune(&self.db, before, max_events).await
     }
+
+    /// How many events each consumer that has saved a position trails the
+    /// newest by, by name (see [`BEHIND_GAUGE`]).
+    pub async fn consumers_behind(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        consumers_behind(&self.db).await
+    }
+}
+
+/// The gauge of how far each consumer trails, set at every prune pass of
+/// the bus (every 10 s while events arrive): on the log the events after
+/// its saved position, on JetStream the messages of its subject it has not
+/// acknowledged. A consumer stuck for good holds everything after it on
+/// either bus, which then grows; this is where that shows first.
+pub const BEHIND_GAUGE: &str = "bus_consumer_behind";
+
+/// [`EventLog::consumers_behind`] of the log in `db`.
+async fn consumers_behind(db: &Db) -> anyhow::Result<Vec<(String, u64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT consumer, (SELECT COALESCE(MAX(seq), 0) FROM events) - position \
+         FROM consumer_positions ORDER BY consumer",
+    )
+    .fetch_all(db.reader())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(consumer, behind)| (consumer, behind.max(0) as u64))
+        .collect())
+}
+
+fn set_behind(behind: &[(String, u64)]) {
+    for (consumer, n) in behind {
+        metrics::gauge!(BEHIND_GAUGE, "consumer" => consumer.clone()).set(*n as f64);
+    }
 }
 
 /// [`EventLog::prune`] of the log in `db`.
@@ -572,6 +605,9 @@ async fn prune_until_closed(db: Db, head: watch::Receiver<i64>) {
                 Ok(n) => {
                     if n > 0 {
                         tracing::info!(events = n, "pruned the event log past its retention");
+                    }
+                    if let Ok(behind) = consumers_behind(&db).await {
+                        set_behind(&behind);
                     }
                     Some(now)
                 }
@@ -899,8 +935,6 @@ impl NatsBus {
     /// durable consumer has not acknowledged stays, however far behind it
     /// is; replays (unacknowledged, ephemeral consumers) hold nothing back.
     pub async fn prune(&self, max_messages: u64) -> anyhow::Result<u64> {
-        use async_nats::jetstream::consumer::AckPolicy;
-        use futures_util::TryStreamExt;
         // Fetched with its state, which is read first.
         let stream = self
             .js
@@ -917,15 +951,7 @@ impl NatsBus {
         // `last_sequence`, whatever its ack floor says (a consumer of a
         // type that stopped arriving keeps an old floor).
         let mut upto = beyond;
-        let mut consumers = stream.consumers();
-        while let Some(c) = consumers
-            .try_next()
-            .await
-            .map_err(|e| anyhow::anyhow!("consumers of {}: {e}", self.stream))?
-        {
-            if c.config.durable_name.is_none() || c.config.ack_policy == AckPolicy::None {
-                continue;
-            }
+        for c in self.durables(&stream).await? {
             if c.num_pending > 0 || c.num_ack_pending > 0 {
                 upto = upto.min(c.ack_floor.stream_sequence);
             }
@@ -940,6 +966,44 @@ impl NatsBus {
             .map_err(|e| anyhow::anyhow!("purging {}: {e}", self.stream))?
             .purged;
         Ok(purged)
+    }
+
+    /// How many messages of its subject each durable consumer has not
+    /// acknowledged, by name (see [`BEHIND_GAUGE`]).
+    pub async fn consumers_behind(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.stream))?;
+        let mut behind: Vec<(String, u64)> = self
+            .durables(&stream)
+            .await?
+            .into_iter()
+            .map(|c| (c.name, c.num_pending + c.num_ack_pending as u64))
+            .collect();
+        behind.sort();
+        Ok(behind)
+    }
+
+    /// The state of the stream's durable, acknowledging consumers: the
+    /// services'. Replays (ephemeral, unacknowledged) are left out.
+    async fn durables(
+        &self,
+        stream: &async_nats::jetstream::stream::Stream,
+    ) -> anyhow::Result<Vec<async_nats::jetstream::consumer::Info>> {
+        use async_nats::jetstream::consumer::AckPolicy;
+        use futures_util::TryStreamExt;
+        stream
+            .consumers()
+            .try_filter(|c| {
+                std::future::ready(
+                    c.config.durable_name.is_some() && c.config.ack_policy != AckPolicy::None,
+                )
+            })
+            .try_collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("consumers of {}: {e}", self.stream))
     }
 
     /// Prunes the stream (see [`NatsBus::prune`]) every [`PRUNE_EVERY`]
@@ -971,6 +1035,9 @@ impl NatsBus {
                         Ok(n) => {
                             if n > 0 {
                                 tracing::info!(messages = n, "pruned the stream past its bound");
+                            }
+                            if let Ok(behind) = nats.consumers_behind().await {
+                                set_behind(&behind);
                             }
                             pruned_at = last.map(|l| (l, now));
                         }

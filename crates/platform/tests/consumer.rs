@@ -1006,6 +1006,11 @@ async fn the_log_prunes_only_old_events_every_known_consumer_has_passed() {
     let (_dir, log, bus, first, mut ahead, mut behind) = six_events_and_two_consumers().await;
     assert_eq!(read_and_save(&mut ahead, 4).await, 4);
     assert_eq!(read_and_save(&mut behind, 2).await, 2);
+    // What the gauge of each consumer's distance shows.
+    assert_eq!(
+        log.consumers_behind().await.unwrap(),
+        [("ahead".to_owned(), 2), ("behind".to_owned(), 4)]
+    );
 
     let day = 86_400_000;
     let now = restaurant_contract::now_ms();

@@ -239,6 +239,14 @@ async fn pruning_drops_only_what_every_durable_consumer_acknowledged_beyond_the_
     reader.ack(&got[..6]).await.unwrap();
     // Beyond the bound of 2 are 1 to 8; the reader has acknowledged 1 to 6.
     prune_until(&nats, 2, 6).await;
+    // What the gauge of each consumer's distance shows.
+    assert_eq!(
+        nats.consumers_behind().await.unwrap(),
+        [
+            ("idle-OrderCancelled".to_owned(), 0),
+            ("reader-OrderRejected".to_owned(), 4)
+        ]
+    );
     assert_eq!(nats.prune(2).await.unwrap(), 0, "7 and 8 are unread");
 
     reader.ack(&got[6..]).await.unwrap();
@@ -248,6 +256,11 @@ async fn pruning_drops_only_what_every_durable_consumer_acknowledged_beyond_the_
     // A consumer that has read nothing yet keeps what is left.
     let _late = bus.subscribe("late", REJECTED).await.unwrap();
     assert_eq!(nats.prune(0).await.unwrap(), 0);
+    let behind = nats.consumers_behind().await.unwrap();
+    assert!(
+        behind.contains(&("late-OrderRejected".to_owned(), 2)),
+        "{behind:?}"
+    );
     let left: Vec<i64> = replay_all(&bus).await.iter().map(|d| d.position).collect();
     assert_eq!(left, [9, 10]);
     delete_nats_stream(&url(), &stream).await.unwrap();
