@@ -522,6 +522,29 @@ async fn consumers_behind(db: &Db) -> anyhow::Result<Vec<(String, u64)>> {
         .collect())
 }
 
+/// Each durable consumer's messages not yet acknowledged, by name.
+fn behind_of(durables: &[async_nats::jetstream::consumer::Info]) -> Vec<(String, u64)> {
+    let mut behind: Vec<(String, u64)> = durables
+        .iter()
+        .map(|c| (c.name.clone(), c.num_pending + c.num_ack_pending as u64))
+        .collect();
+    behind.sort();
+    behind
+}
+
+/// Whether a prune pass is due at `now` (the bus's head, the time), after
+/// the last pass that succeeded: at once the first time and after a
+/// failure, then when the head has moved, or every [`PRUNE_IDLE_EVERY`]
+/// regardless.
+fn prune_due<S: PartialEq>(
+    pruned_at: &Option<(S, tokio::time::Instant)>,
+    now: &(S, tokio::time::Instant),
+) -> bool {
+    pruned_at
+        .as_ref()
+        .is_none_or(|(head, at)| *head != now.0 || now.1.duration_since(*at) >= PRUNE_IDLE_EVERY)
+}
+
 fn set_behind(behind: &[(String, u64)]) {
     for (consumer, n) in behind {
         metrics::gauge!(BEHIND_GAUGE, "consumer" => consumer.clone()).set(*n as f64);
@@ -596,9 +619,7 @@ async fn prune_until_closed(db: Db, head: watch::Receiver<i64>) {
     let mut pruned_at: Option<(i64, tokio::time::Instant)> = None;
     while !db.is_closed() {
         let now = (*head.borrow(), tokio::time::Instant::now());
-        let due = pruned_at
-            .is_none_or(|(seq, at)| seq != now.0 || now.1.duration_since(at) >= PRUNE_IDLE_EVERY);
-        if due {
+        if prune_due(&pruned_at, &now) {
             let before = now_ms() - RETENTION.as_millis() as i64;
             // A failed pass is tried again at the next interval.
             pruned_at = match prune(&db, before, MAX_EVENTS).await {
@@ -849,11 +870,7 @@ impl NatsBus {
         types: &'static [&'static str],
     ) -> anyhow::Result<NatsSubscription> {
         use async_nats::jetstream::consumer::{AckPolicy, pull::Config};
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.stream))?;
+        let stream = self.stream().await?;
         // nats-server 2.9 filters a consumer on one subject only. A service
         // that wants a few types gets one durable consumer per type, so the
         // server never sends it the rest of the traffic (without it every
@@ -908,11 +925,7 @@ impl NatsBus {
     /// `after + 1`: a replay leaves no trace on the server.
     async fn replay(&self, after: i64) -> anyhow::Result<NatsReplay> {
         use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull::Config};
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.stream))?;
+        let stream = self.stream().await?;
         let consumer = stream
             .create_consumer(Config {
                 ack_policy: AckPolicy::None,
@@ -935,23 +948,41 @@ impl NatsBus {
     /// durable consumer has not acknowledged stays, however far behind it
     /// is; replays (unacknowledged, ephemeral consumers) hold nothing back.
     pub async fn prune(&self, max_messages: u64) -> anyhow::Result<u64> {
-        // Fetched with its state, which is read first.
-        let stream = self
-            .js
+        let stream = self.stream().await?;
+        self.prune_pass(&stream, max_messages).await
+    }
+
+    /// How many messages of its subject each durable consumer has not
+    /// acknowledged, by name (see [`BEHIND_GAUGE`]).
+    pub async fn consumers_behind(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let stream = self.stream().await?;
+        Ok(behind_of(&self.durables(&stream).await?))
+    }
+
+    /// The stream, fetched with its state.
+    async fn stream(&self) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
+        self.js
             .get_stream(&self.stream)
             .await
-            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.stream))?;
-        let state = stream.cached_info().state.clone();
-        let beyond = state.last_sequence.saturating_sub(max_messages);
-        if beyond < state.first_sequence {
-            return Ok(0);
-        }
-        // Read after the stream's state: a consumer with nothing pending
-        // now has acknowledged every message of its subject up to
+            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.stream))
+    }
+
+    /// [`NatsBus::prune`] of `stream` as fetched, which also sets
+    /// [`BEHIND_GAUGE`]: one listing of the consumers serves both.
+    async fn prune_pass(
+        &self,
+        stream: &async_nats::jetstream::stream::Stream,
+        max_messages: u64,
+    ) -> anyhow::Result<u64> {
+        let state = &stream.cached_info().state;
+        // Listed after the stream's state was read: a consumer with nothing
+        // pending now has acknowledged every message of its subject up to
         // `last_sequence`, whatever its ack floor says (a consumer of a
         // type that stopped arriving keeps an old floor).
-        let mut upto = beyond;
-        for c in self.durables(&stream).await? {
+        let durables = self.durables(stream).await?;
+        set_behind(&behind_of(&durables));
+        let mut upto = state.last_sequence.saturating_sub(max_messages);
+        for c in &durables {
             if c.num_pending > 0 || c.num_ack_pending > 0 {
                 upto = upto.min(c.ack_floor.stream_sequence);
             }
@@ -966,24 +997,6 @@ impl NatsBus {
             .map_err(|e| anyhow::anyhow!("purging {}: {e}", self.stream))?
             .purged;
         Ok(purged)
-    }
-
-    /// How many messages of its subject each durable consumer has not
-    /// acknowledged, by name (see [`BEHIND_GAUGE`]).
-    pub async fn consumers_behind(&self) -> anyhow::Result<Vec<(String, u64)>> {
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.stream))?;
-        let mut behind: Vec<(String, u64)> = self
-            .durables(&stream)
-            .await?
-            .into_iter()
-            .map(|c| (c.name, c.num_pending + c.num_ack_pending as u64))
-            .collect();
-        behind.sort();
-        Ok(behind)
     }
 
     /// The state of the stream's durable, acknowledging consumers: the
@@ -1014,34 +1027,31 @@ impl NatsBus {
         let bus = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(PRUNE_FIRST_AFTER).await;
+            // The last sequence and the time of the last pass that succeeded.
             let mut pruned_at: Option<(u64, tokio::time::Instant)> = None;
             while let Some(nats) = bus.upgrade() {
-                let last = nats
-                    .js
-                    .get_stream(&nats.stream)
-                    .await
-                    .ok()
-                    .map(|s| s.cached_info().state.last_sequence);
-                let now = tokio::time::Instant::now();
-                let due = match (last, pruned_at) {
-                    (None, _) => false,
-                    (Some(_), None) => true,
-                    (Some(last), Some((seq, at))) => {
-                        last != seq || now.duration_since(at) >= PRUNE_IDLE_EVERY
-                    }
-                };
-                if due {
-                    match nats.prune(MAX_MESSAGES).await {
-                        Ok(n) => {
-                            if n > 0 {
-                                tracing::info!(messages = n, "pruned the stream past its bound");
+                // A stream that cannot be read now is looked at next time.
+                if let Ok(stream) = nats.stream().await {
+                    let now = (
+                        stream.cached_info().state.last_sequence,
+                        tokio::time::Instant::now(),
+                    );
+                    if prune_due(&pruned_at, &now) {
+                        pruned_at = match nats.prune_pass(&stream, MAX_MESSAGES).await {
+                            Ok(n) => {
+                                if n > 0 {
+                                    tracing::info!(
+                                        messages = n,
+                                        "pruned the stream past its bound"
+                                    );
+                                }
+                                Some(now)
                             }
-                            if let Ok(behind) = nats.consumers_behind().await {
-                                set_behind(&behind);
+                            Err(e) => {
+                                tracing::warn!(error = %e, "pruning the stream failed");
+                                None
                             }
-                            pruned_at = last.map(|l| (l, now));
-                        }
-                        Err(e) => tracing::warn!(error = %e, "pruning the stream failed"),
+                        };
                     }
                 }
                 drop(nats);
