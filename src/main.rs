@@ -231,12 +231,17 @@ fn required(v: Vec<String>, flag: &str) -> anyhow::Result<Vec<String>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     // One worker (TOKIO_WORKER_THREADS=1, as in the gateway benchmark) runs
     // on tokio's current-thread scheduler: the same single thread, without
     // the work-stealing scheduler's bookkeeping.
     // (`up --processes` sets it for its children: supervisor.rs.)
-    let one =
-        std::env::var(restaurant::supervisor::WORKER_THREADS_ENV).is_ok_and(|n| n.trim() == "1");
+    // The load generator always runs on one: it shares the two cores with
+    // the system it measures, and a second worker only made it dearer (at
+    // 3,000 orders/s offered for 60 s, embedded: 11.8-12.3 s of CPU on two
+    // workers against 10.3-10.8 s on one, docs/benchmarks.md).
+    let one = matches!(cli.command, Command::Bench { .. })
+        || std::env::var(restaurant::supervisor::WORKER_THREADS_ENV).is_ok_and(|n| n.trim() == "1");
     let runtime = if one {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -246,11 +251,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
     };
-    runtime.block_on(run())
+    runtime.block_on(run(cli))
 }
 
-async fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn run(cli: Cli) -> anyhow::Result<()> {
     restaurant_platform::telemetry::init_tracing("info,sqlx=warn");
     match cli.command {
         Command::Up {
