@@ -5,8 +5,8 @@
 use restaurant_contract::{Envelope, OrderLine};
 use restaurant_platform::{
     db::{
-        Backend, Db, Params, Query, Tx, rows_per_statement, rows_per_statement_on,
-        select_for_update,
+        Backend, Db, Params, Planned, Query, Tx, rows_per_statement, rows_per_statement_on,
+        select_for_update, select_planned,
     },
     outbox,
 };
@@ -40,15 +40,42 @@ pub async fn insert_all(tx: &mut Tx, orders: &[&Order]) -> Result<(), sqlx::Erro
     write_all(tx, orders, "").await
 }
 
+/// What saving an order that exists changes.
+const SAVE: &str = " ON CONFLICT (id) DO UPDATE SET status = excluded.status, \
+                    reason = excluded.reason, cook_id = excluded.cook_id, \
+                    delivery_id = excluded.delivery_id, updated_at = excluded.updated_at";
+
 /// Saves changed orders (which exist), many per statement.
 pub async fn save_all(tx: &mut Tx, orders: &[&Order]) -> Result<(), sqlx::Error> {
-    write_all(
-        tx,
-        orders,
-        " ON CONFLICT (id) DO UPDATE SET status = excluded.status, reason = excluded.reason, \
-         cook_id = excluded.cook_id, delivery_id = excluded.delivery_id, \
-         updated_at = excluded.updated_at",
-    )
+    write_all(tx, orders, SAVE).await
+}
+
+/// [`save_all`], and `events` appended to the outbox, sent with the
+/// planned transaction's `COMMIT`.
+pub async fn save_all_emitting_planned(
+    tx: &mut Planned,
+    orders: &[&Order],
+    events: &[Envelope],
+) -> Result<(), sqlx::Error> {
+    let mut params = tx.params();
+    let mut writes: Vec<String> = orders
+        .chunks(rows_per_statement_on(Backend::Sqlite, COLUMN_COUNT))
+        .map(|chunk| {
+            let values = params.rows(chunk.len(), COLUMN_COUNT);
+            format!("INSERT INTO orders ({COLUMNS}) VALUES {values}{SAVE}")
+        })
+        .collect();
+    if !events.is_empty() {
+        writes.push(outbox::insert_sql(&mut params));
+    }
+    tx.commit(&writes.join("; "), |q| {
+        let q = bind_all(q, orders);
+        if events.is_empty() {
+            q
+        } else {
+            outbox::bind_row(q, events)
+        }
+    })
     .await
 }
 
@@ -127,6 +154,15 @@ pub async fn load_many_for_update(tx: &mut Tx, ids: &[&str]) -> Result<Vec<Order
     // few hundred orders a batch while it holds the order database's one
     // SQLite writer, which placements wait for.
     select_for_update::<Packed>(tx, "orders", COLUMNS, "", ids)
+        .await?
+        .into_iter()
+        .map(from_packed)
+        .collect()
+}
+
+/// [`load_many_for_update`] over a planned transaction (SQLite).
+pub async fn load_many_planned(tx: &mut Planned, ids: &[&str]) -> Result<Vec<Order>, sqlx::Error> {
+    select_planned::<Packed>(tx, "orders", COLUMNS, ids)
         .await?
         .into_iter()
         .map(from_packed)

@@ -28,7 +28,7 @@ use sqlx::Row;
 
 use crate::{
     bus::{Bus, MAX_DELIVERIES},
-    db::{Db, Params, Tx, rows_per_statement},
+    db::{Db, Params, Planned, Tx, rows_per_statement},
     outbox::{AppendMark, OutboxSignal},
     shutdown::Shutdown,
 };
@@ -115,8 +115,40 @@ pub trait Handler: Send + Sync + 'static {
         }
     }
 
+    /// Whether [`handle_batch_planned`](Self::handle_batch_planned) is
+    /// implemented. On SQLite, once the consumer knows its offset, batches
+    /// then go through it: a batch that holds the database's one writer
+    /// for each of its statements keeps everything else that writes there
+    /// waiting (placements, for the order service's consumer).
+    const PLANNED: bool = false;
+
+    /// What [`handle_batch`](Self::handle_batch) does, over a [`Planned`]
+    /// transaction: the rows the batch changes read with one
+    /// [`Planned::read`], every write sent with [`Planned::commit`] (the
+    /// consumer adds its offset there). Must not commit when it fails. Only
+    /// called when [`PLANNED`](Self::PLANNED) says it is implemented.
+    fn handle_batch_planned<'a>(
+        &'a self,
+        tx: &'a mut Planned,
+        batch: Vec<(Envelope, Event)>,
+    ) -> impl Future<Output = Result<(), HandleError>> + Send + 'a {
+        let _ = (tx, batch);
+        async { Err(HandleError::Permanent("no planned batches".into())) }
+    }
+
     /// Runs after a successful commit, e.g. to wake a timer.
     fn after_commit(&self) {}
+}
+
+/// Moves a consumer's offset forward (never back).
+fn offset_upsert(params: &mut Params) -> String {
+    format!(
+        "INSERT INTO consumer_offsets (consumer, position) VALUES ({}, {}) \
+         ON CONFLICT (consumer) DO UPDATE SET position = excluded.position \
+         WHERE excluded.position > consumer_offsets.position",
+        params.one(),
+        params.one()
+    )
 }
 
 /// Whether `env` is of a type its handler applies again without effect.
@@ -433,6 +465,14 @@ impl<H: Handler> Consumer<H> {
             return Ok(());
         };
         let appended = AppendMark::now();
+        let offset_known = matches!(*self.committed_offset(), Some(Some(_)));
+        if H::PLANNED
+            && positional
+            && offset_known
+            && let Some(tx) = self.db.planned()
+        {
+            return self.apply_planned(tx, items, last, appended).await;
+        }
         let mut tx = self.db.begin().await?;
         let offered = items.len();
         // Without an offset yet (a new database, or one that recorded event
@@ -469,10 +509,7 @@ impl<H: Handler> Consumer<H> {
         let items: Vec<(Envelope, Event)> =
             items.into_iter().map(|(env, ev, _)| (env, ev)).collect();
         let applied = items.len() as u64;
-        if offered as u64 > applied {
-            metrics::counter!("consumer_duplicates_total", "consumer" => self.name.clone())
-                .increment(offered as u64 - applied);
-        }
+        self.count_duplicates(offered, applied);
         if applied > 0 {
             std::panic::AssertUnwindSafe(self.handler.handle_batch(&mut tx, items))
                 .catch_unwind()
@@ -487,13 +524,72 @@ impl<H: Handler> Consumer<H> {
             // What `save_offset` left in the table: it never moves back.
             *self.committed_offset() = Some(Some(offset.map_or(last, |o| o.max(last))));
         }
+        self.applied(applied, appended);
+        Ok(())
+    }
+
+    /// [`apply_batch`](Self::apply_batch) over a [`Planned`] transaction,
+    /// for a consumer on the log that knows its offset: what the handler
+    /// reads begins it, its writes and the new offset commit as one text.
+    async fn apply_planned(
+        &self,
+        mut tx: Planned,
+        mut items: Vec<(Envelope, Event, i64)>,
+        last: i64,
+        appended: AppendMark,
+    ) -> Result<(), HandleError> {
+        // Taken, so that a batch that fails leaves the offset unknown.
+        let offset = self
+            .committed_offset()
+            .take()
+            .flatten()
+            .expect("checked by the caller");
+        let offered = items.len();
+        items.retain(|(_, _, position)| *position > offset);
+        // Keep each new event once (a batch may hold the same id twice).
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        let items: Vec<(Envelope, Event)> = items
+            .into_iter()
+            .filter(|(env, _, _)| seen.insert(env.event_id.clone()))
+            .map(|(env, ev, _)| (env, ev))
+            .collect();
+        let applied = items.len() as u64;
+        self.count_duplicates(offered, applied);
+        let name = self.name.clone();
+        tx.also(
+            offset_upsert(&mut Params::for_db(&self.db)),
+            Box::new(move |q| q.bind(name).bind(last)),
+        );
+        if applied > 0 {
+            use futures_util::FutureExt;
+            std::panic::AssertUnwindSafe(self.handler.handle_batch_planned(&mut tx, items))
+                .catch_unwind()
+                .await
+                .map_err(|_| HandleError::Permanent("the handler panicked".into()))??;
+        }
+        if !tx.committed() {
+            tx.commit("", |q| q).await?;
+        }
+        *self.committed_offset() = Some(Some(offset.max(last)));
+        self.applied(applied, appended);
+        Ok(())
+    }
+
+    fn count_duplicates(&self, offered: usize, applied: u64) {
+        if offered as u64 > applied {
+            metrics::counter!("consumer_duplicates_total", "consumer" => self.name.clone())
+                .increment(offered as u64 - applied);
+        }
+    }
+
+    /// What follows a batch's commit.
+    fn applied(&self, applied: u64, appended: AppendMark) {
         if applied > 0 {
             self.outbox.notify_if_appended(appended);
             self.handler.after_commit();
             metrics::counter!("consumer_applied_total", "consumer" => self.name.clone())
                 .increment(applied);
         }
-        Ok(())
     }
 
     /// Records a batch's event ids as processed in one statement per chunk
@@ -549,15 +645,11 @@ impl<H: Handler> Consumer<H> {
         // Whether this commits is the caller's to see; until it says what
         // the table holds, nothing is assumed.
         *self.committed_offset() = None;
-        sqlx::query(
-            "INSERT INTO consumer_offsets (consumer, position) VALUES ($1, $2) \
-             ON CONFLICT (consumer) DO UPDATE SET position = excluded.position \
-             WHERE excluded.position > consumer_offsets.position",
-        )
-        .bind(&self.name)
-        .bind(position)
-        .execute(&mut **tx)
-        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(offset_upsert(&mut Params::of(tx))))
+            .bind(&self.name)
+            .bind(position)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 

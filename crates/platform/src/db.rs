@@ -350,6 +350,20 @@ impl Db {
         }
     }
 
+    /// A write transaction whose statements reach SQLite's writer thread
+    /// in two texts, for work that reads what it changes and then writes
+    /// what it decided: `BEGIN IMMEDIATE` goes with the first read, the
+    /// writes go with `COMMIT` ([`Planned`]). `None` on PostgreSQL, where a
+    /// [`Tx`] does the same.
+    pub fn planned(&self) -> Option<Planned> {
+        (self.backend == Backend::Sqlite).then(|| Planned {
+            pool: self.write.clone(),
+            writer: RollbackUnlessDone(None),
+            also: Vec::new(),
+            committed: false,
+        })
+    }
+
     /// The pool for reads that need no transaction.
     pub fn reader(&self) -> &AnyPool {
         &self.read
@@ -386,6 +400,107 @@ impl Db {
 
     pub fn is_closed(&self) -> bool {
         self.write.is_closed()
+    }
+}
+
+/// Writes a [`Planned`] transaction sends with its own, after them.
+type Also = Box<dyn for<'q> FnOnce(Query<'q>) -> Query<'q> + Send>;
+
+/// A write transaction on SQLite in two round trips to the writer's thread
+/// instead of one per statement ([`Db::planned`]). A [`Tx`] sends `BEGIN
+/// IMMEDIATE`, each statement and `COMMIT` one at a time, and on a busy
+/// machine each waits for a core while the transaction holds the
+/// database's one writer: the order consumer's batch of six held it ~6 ms,
+/// of which its statements took well under one, and placements waited
+/// behind it (docs/benchmarks.md, eighteenth session). Here the first
+/// [`read`](Self::read) begins the transaction in the same text, and
+/// [`commit`](Self::commit) sends the writes, those added with
+/// [`also`](Self::also), and `COMMIT` as one. Dropped or failed before its
+/// commit, it rolls back, as [`Db::write_as_one`] does.
+pub struct Planned {
+    pool: AnyPool,
+    /// The writer, once the transaction has begun.
+    writer: RollbackUnlessDone,
+    also: Vec<(String, Also)>,
+    committed: bool,
+}
+
+impl Planned {
+    /// Runs `sql` (placeholders `?`, bound by `bind`) inside the
+    /// transaction and returns its rows; the first read begins it.
+    pub async fn read<'q>(
+        &mut self,
+        sql: &str,
+        bind: impl FnOnce(Query<'q>) -> Query<'q>,
+    ) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+        assert!(!self.committed, "read after commit");
+        let text = if self.writer.0.is_none() {
+            self.writer.0 = Some(self.pool.acquire().await?);
+            format!("BEGIN IMMEDIATE; {sql}")
+        } else {
+            sql.to_owned()
+        };
+        let conn = self.writer.0.as_mut().expect("acquired above");
+        bind(sqlx::query(AssertSqlSafe(text)).persistent(false))
+            .fetch_all(&mut **conn)
+            .await
+    }
+
+    /// Adds a write that [`commit`](Self::commit) sends after the caller's
+    /// own: a consumer's offset, which commits with its handler's effects.
+    pub fn also(&mut self, sql: String, bind: Also) {
+        self.also.push((sql, bind));
+    }
+
+    /// Placeholders for this transaction's statements.
+    pub fn params(&self) -> Params {
+        Params::on(Backend::Sqlite)
+    }
+
+    /// Whether [`commit`](Self::commit) has succeeded.
+    pub fn committed(&self) -> bool {
+        self.committed
+    }
+
+    /// Sends `writes` (statements separated by `;`, or empty; placeholders
+    /// `?`, bound by `bind`), then the writes added with
+    /// [`also`](Self::also), then `COMMIT`, as one text. On a failure the
+    /// transaction is rolled back.
+    pub async fn commit<'q>(
+        &mut self,
+        writes: &str,
+        bind: impl FnOnce(Query<'q>) -> Query<'q>,
+    ) -> Result<(), sqlx::Error> {
+        assert!(!self.committed, "committed twice");
+        let mut text = String::with_capacity(writes.len() + 64);
+        if self.writer.0.is_none() {
+            self.writer.0 = Some(self.pool.acquire().await?);
+            text.push_str("BEGIN IMMEDIATE; ");
+        }
+        for part in std::iter::once(writes).chain(self.also.iter().map(|(sql, _)| sql.as_str())) {
+            if !part.is_empty() {
+                text.push_str(part);
+                text.push_str("; ");
+            }
+        }
+        text.push_str("COMMIT");
+        let mut q = bind(sqlx::query(AssertSqlSafe(text)).persistent(false));
+        for (_, bind_also) in self.also.drain(..) {
+            q = bind_also(q);
+        }
+        let conn = self.writer.0.as_mut().expect("acquired above");
+        let outcome = q.execute(&mut **conn).await;
+        let conn = self.writer.0.take().expect("acquired above");
+        match outcome {
+            Ok(_) => {
+                self.committed = true;
+                Ok(())
+            }
+            Err(failed) => {
+                roll_back(conn).await;
+                Err(failed)
+            }
+        }
     }
 }
 
@@ -469,20 +584,50 @@ pub async fn select_for_update<T: serde::de::DeserializeOwned>(
     };
     let backend = backend_of(tx);
     for chunk in ids.chunks(rows_per_statement(tx, 1)) {
-        let select = format!(
-            "SELECT {columns} FROM {table} WHERE id IN ({}){also} ORDER BY id{}",
-            Params::of(tx).list(chunk.len()),
-            backend.lock_suffix()
-        );
-        let mut q =
-            sqlx::query_scalar::<_, String>(AssertSqlSafe(packed(backend, columns, &select)))
-                .persistent(false);
+        let sql = for_update_sql(backend, table, columns, &also, chunk.len());
+        let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql)).persistent(false);
         for id in chunk {
             q = q.bind(*id);
         }
         rows.extend(unpack::<T>(&q.fetch_one(&mut **tx).await?)?);
     }
     Ok(rows)
+}
+
+/// [`select_for_update`] over a [`Planned`] transaction (SQLite): the
+/// same rows, its first read beginning the transaction.
+pub async fn select_planned<T: serde::de::DeserializeOwned>(
+    tx: &mut Planned,
+    table: &str,
+    columns: &str,
+    ids: &[&str],
+) -> Result<Vec<T>, sqlx::Error> {
+    let mut rows = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(rows_per_statement_on(Backend::Sqlite, 1)) {
+        let sql = for_update_sql(Backend::Sqlite, table, columns, "", chunk.len());
+        let read = tx
+            .read(&sql, |mut q| {
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q
+            })
+            .await?;
+        for row in read {
+            rows.extend(unpack::<T>(&sqlx::Row::try_get::<String, _>(&row, 0)?)?);
+        }
+    }
+    Ok(rows)
+}
+
+/// The [`packed`] read of `n` rows by id of [`select_for_update`].
+fn for_update_sql(backend: Backend, table: &str, columns: &str, also: &str, n: usize) -> String {
+    let select = format!(
+        "SELECT {columns} FROM {table} WHERE id IN ({}){also} ORDER BY id{}",
+        Params::on(backend).list(n),
+        backend.lock_suffix()
+    );
+    packed(backend, columns, &select)
 }
 
 /// Which rows of an `INSERT … ON CONFLICT DO NOTHING` went in.

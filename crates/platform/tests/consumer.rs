@@ -15,7 +15,7 @@ use restaurant_contract::{Cause, Envelope, Event, OrderLine, OrderPlaced, Reason
 use restaurant_platform::{
     bus::{Bus, EventLog, OutgoingEvent},
     consumer::{Consumer, HandleError, Handler, Outcome, RetryPolicy},
-    db::{Db, DbOptions, Migrations, Tx},
+    db::{Db, DbOptions, Migrations, Planned, Tx},
     outbox::{self, OutboxSignal},
     shutdown::Shutdown,
 };
@@ -61,14 +61,22 @@ impl Handler for Recorder {
     }
 }
 
-struct Fixture {
+struct Fixture<H = Recorder> {
     db: Db,
-    consumer: Arc<Consumer<Recorder>>,
+    consumer: Arc<Consumer<H>>,
     _dir: tempfile::TempDir,
     dir_path: std::path::PathBuf,
 }
 
 async fn fixture(failures: u32) -> Fixture {
+    fixture_with(Arc::new(Recorder {
+        failures_left: AtomicU32::new(failures),
+        ..Default::default()
+    }))
+    .await
+}
+
+async fn fixture_with<H: Handler>(handler: Arc<H>) -> Fixture<H> {
     let dir = tempfile::tempdir().unwrap();
     let none = || Migrator::with_migrations(vec![]);
     let db = Db::connect(
@@ -84,10 +92,6 @@ async fn fixture(failures: u32) -> Fixture {
     )
     .await
     .unwrap();
-    let handler = Arc::new(Recorder {
-        failures_left: AtomicU32::new(failures),
-        ..Default::default()
-    });
     let consumer = Consumer::new("test", db.clone(), handler, OutboxSignal::default()).with_retry(
         RetryPolicy {
             max_attempts: 3,
@@ -410,7 +414,7 @@ async fn concurrent_publishers_each_event_logged_once_in_publish_order() {
 }
 
 /// An event log in the fixture's directory, and the bus over it.
-async fn log_beside(f: &Fixture) -> (EventLog, Bus) {
+async fn log_beside<H>(f: &Fixture<H>) -> (EventLog, Bus) {
     let log = EventLog::open(&f.dir_path.join("events.db"), false)
         .await
         .unwrap();
@@ -607,7 +611,7 @@ fn placed_events(prefix: &str, n: usize) -> Vec<OutgoingEvent> {
 
 /// Forgets the log's saved subscriber positions, as if the process died
 /// before saving them: the log hands out everything again.
-async fn lose_log_positions(f: &Fixture) {
+async fn lose_log_positions<H>(f: &Fixture<H>) {
     let path = f.dir_path.join("events.db");
     sqlx::query("DELETE FROM consumer_positions")
         .execute(
@@ -621,7 +625,7 @@ async fn lose_log_positions(f: &Fixture) {
 
 /// Runs the fixture's consumer until `n` effects exist, and a while longer
 /// so that a wrongly doubled batch would show; then stops it.
-async fn run_until_settled(f: &Fixture, bus: &Bus, n: i64) {
+async fn run_until_settled<H: Handler>(f: &Fixture<H>, bus: &Bus, n: i64) {
     let stop = Shutdown::new();
     let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
     wait_for_effects(&f.db, n).await;
@@ -687,6 +691,155 @@ async fn the_offset_kept_between_batches_follows_the_one_by_one_path() {
     run_until_settled(&f, &bus, 22).await;
     assert_eq!(effects(&f.db).await, 22);
     assert!(f.consumer.dead_letters().await.unwrap().is_empty());
+}
+
+/// [`Recorder`]'s effect (an outbox row per event) in planned batches too:
+/// a batch that holds a "flaky" customer's event fails after its read the
+/// first time; one that holds a "bad-write" customer's fails in its
+/// commit, after its outbox rows went in, every time.
+#[derive(Default)]
+struct Planner {
+    recorder: Recorder,
+    planned: AtomicU32,
+    failed_commits: AtomicU32,
+}
+
+impl Handler for Planner {
+    const TYPES: &'static [&'static str] = &["OrderPlaced"];
+    const PLANNED: bool = true;
+
+    async fn handle(&self, tx: &mut Tx, env: &Envelope, event: Event) -> Result<(), HandleError> {
+        self.recorder.handle(tx, env, event).await
+    }
+
+    async fn handle_batch_planned(
+        &self,
+        tx: &mut Planned,
+        batch: Vec<(Envelope, Event)>,
+    ) -> Result<(), HandleError> {
+        let before = tx.read("SELECT COUNT(*) FROM outbox", |q| q).await?;
+        assert_eq!(before.len(), 1);
+        let customers: Vec<String> = batch
+            .iter()
+            .map(|(_, ev)| match ev {
+                Event::OrderPlaced(p) => p.customer_id.clone(),
+                _ => unreachable!("filtered by TYPES"),
+            })
+            .collect();
+        for ((env, _), customer) in batch.iter().zip(&customers) {
+            if customer == "flaky"
+                && self
+                    .recorder
+                    .flaky_seen
+                    .lock()
+                    .unwrap()
+                    .insert(env.event_id.clone())
+            {
+                return Err(HandleError::Transient(anyhow::anyhow!("flaky on purpose")));
+            }
+        }
+        let mut params = tx.params();
+        let mut writes: Vec<String> = batch
+            .iter()
+            .map(|_| outbox::insert_sql(&mut params))
+            .collect();
+        if customers.iter().any(|c| c == "bad-write") {
+            // NOT NULL: fails after the outbox rows went in.
+            writes.push(
+                "INSERT INTO processed_events (consumer, event_id, processed_at) \
+                 VALUES ('test', NULL, 0)"
+                    .into(),
+            );
+        }
+        let rejected: Vec<Envelope> = batch
+            .iter()
+            .map(|(env, _)| {
+                let ev = Event::OrderRejected(Reason {
+                    reason: "recorded".into(),
+                });
+                Envelope::new("test", &env.order_id, &ev, &env.as_cause())
+            })
+            .collect();
+        let committed = tx
+            .commit(&writes.join("; "), |mut q| {
+                for env in &rejected {
+                    q = outbox::bind_row(q, [env]);
+                }
+                q
+            })
+            .await;
+        if committed.is_err() {
+            self.failed_commits.fetch_add(1, Ordering::SeqCst);
+        }
+        committed?;
+        self.planned.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+async fn offset<H>(f: &Fixture<H>) -> i64 {
+    sqlx::query_scalar("SELECT position FROM consumer_offsets")
+        .fetch_one(f.db.reader())
+        .await
+        .unwrap()
+}
+
+/// A planned batch commits its effects with the consumer's offset, or
+/// neither: one that fails after its read, and one whose commit fails
+/// after some of its writes ran, go through one event at a time with one
+/// effect each; a whole log handed out again after that has no effect.
+#[tokio::test]
+async fn a_planned_batch_commits_its_effects_with_the_offset_or_neither() {
+    let planner = Arc::new(Planner::default());
+    let f = fixture_with(planner.clone()).await;
+    let (_log, bus) = log_beside(&f).await;
+    // The first batch records the offset the planned ones start from.
+    bus.publish(&placed_events("a", 5)).await.unwrap();
+    let stop = Shutdown::new();
+    let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
+    wait_for_effects(&f.db, 5).await;
+    bus.publish(&placed_events("b", 10)).await.unwrap();
+    wait_for_effects(&f.db, 15).await;
+    let planned = planner.planned.load(Ordering::SeqCst);
+    assert!(planned >= 1, "no batch went through the planned path");
+    assert_eq!(offset(&f).await, 15);
+
+    let mut failing = placed_events("c", 10);
+    failing.insert(3, outgoing(&placed("flaky")));
+    bus.publish(&failing).await.unwrap();
+    wait_for_effects(&f.db, 26).await;
+    // A batch that went one by one leaves the offset unknown: the next
+    // reads it in an ordinary transaction, and the one after is planned.
+    bus.publish(&placed_events("d", 5)).await.unwrap();
+    wait_for_effects(&f.db, 31).await;
+    let mut failing = placed_events("e", 5);
+    failing.insert(2, outgoing(&placed("bad-write")));
+    bus.publish(&failing).await.unwrap();
+    wait_for_effects(&f.db, 37).await;
+    assert_eq!(planner.failed_commits.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.trigger();
+    run.await.unwrap();
+    assert_eq!(effects(&f.db).await, 37, "an effect was doubled");
+    assert_eq!(offset(&f).await, 37);
+    assert!(f.consumer.dead_letters().await.unwrap().is_empty());
+
+    // The whole log again, after a lost log position: nothing twice, and
+    // the batches after the first are planned again.
+    lose_log_positions(&f).await;
+    let planned = planner.planned.load(Ordering::SeqCst);
+    let stop = Shutdown::new();
+    let run = tokio::spawn(f.consumer.clone().run(bus.clone(), stop.clone()));
+    bus.publish(&placed_events("f", 3)).await.unwrap();
+    wait_for_effects(&f.db, 40).await;
+    bus.publish(&placed_events("g", 3)).await.unwrap();
+    wait_for_effects(&f.db, 43).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.trigger();
+    run.await.unwrap();
+    assert_eq!(effects(&f.db).await, 43);
+    assert!(planner.planned.load(Ordering::SeqCst) > planned);
+    assert_eq!(offset(&f).await, 43);
 }
 
 /// Counts the batches and events it is given; takes a batch at most every
