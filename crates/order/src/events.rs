@@ -54,6 +54,20 @@ impl Handler for OrderEvents {
     /// Lingering the kitchen and delivery consumers too gained nothing.
     const LINGER: Duration = Duration::from_millis(20);
 
+    /// On SQLite each batch holds the order database's one writer, which
+    /// placements wait for; fewer, larger batches hold it less in all (at
+    /// 3,000 orders/s: 570 batches and ~5 s of the writer a minute instead
+    /// of 2,845 and ~17 s). Embedded, 3,000/s offered for 60 s, alternating:
+    /// placement p99 18.1 / 20.7 against 19.4 / 28.2 ms at 20 ms; with
+    /// planned batches too, 33.3 / 21.6 / 24.7 against 43.2 / 22.7 / 29.7
+    /// ms, placed -> delivered p99 76-85 against 97-125 ms
+    /// (docs/benchmarks.md, eighteenth session). The order row, and
+    /// `OrderRejected` / `OrderDelivered` (which MyPage also learns from
+    /// the kitchen's and the courier's own events), lag by up to 100 ms
+    /// under load. On PostgreSQL a batch locks only its rows, and 40 ms
+    /// gained nothing there (twelfth session).
+    const LINGER_ON_SQLITE: Duration = Duration::from_millis(100);
+
     /// The batch as a few set-based statements: load every order it
     /// touches, run the state machine in memory, save what changed and
     /// append the resulting events.

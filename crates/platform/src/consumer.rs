@@ -28,7 +28,7 @@ use sqlx::Row;
 
 use crate::{
     bus::{Bus, MAX_DELIVERIES},
-    db::{Db, Params, Planned, Tx, rows_per_statement},
+    db::{Backend, Db, Params, Planned, Tx, rows_per_statement},
     outbox::{AppendMark, OutboxSignal},
     shutdown::Shutdown,
 };
@@ -88,6 +88,11 @@ pub trait Handler: Send + Sync + 'static {
     /// its database's one SQLite writer free for the work users wait on.
     /// After a quiet spell the first event is still taken at once.
     const LINGER: Duration = Duration::ZERO;
+
+    /// [`LINGER`](Self::LINGER) on SQLite, where a batch holds the
+    /// database's one writer and everything else that writes there waits
+    /// for it (on PostgreSQL it locks only its rows).
+    const LINGER_ON_SQLITE: Duration = Self::LINGER;
 
     /// Applies `event` inside `tx`. Everything the handler writes, including
     /// outgoing events through the outbox, commits with the dedup record.
@@ -265,7 +270,11 @@ impl<H: Handler> Consumer<H> {
         let positional = sub.total_order();
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut last_prune = tokio::time::Instant::now();
-        // When the last batch was taken; the next waits for H::LINGER.
+        // When the last batch was taken; the next waits for the linger.
+        let linger = match self.db.backend() {
+            Backend::Sqlite => H::LINGER_ON_SQLITE,
+            Backend::Postgres => H::LINGER,
+        };
         let mut last_batch: Option<tokio::time::Instant> = None;
         loop {
             if last_prune.elapsed() >= PRUNE_EVERY {
@@ -284,7 +293,7 @@ impl<H: Handler> Consumer<H> {
                 self.acknowledge(sub, &batch, done).await;
                 continue;
             }
-            let ready = last_batch.map(|t| t + H::LINGER);
+            let ready = last_batch.map(|t| t + linger);
             let lingering = ready.is_some_and(|r| tokio::time::Instant::now() < r);
             tokio::select! {
                 // Acknowledgements and shutdown go on while it lingers.
