@@ -410,9 +410,9 @@ type Also = Box<dyn for<'q> FnOnce(Query<'q>) -> Query<'q> + Send>;
 /// instead of one per statement ([`Db::planned`]). A [`Tx`] sends `BEGIN
 /// IMMEDIATE`, each statement and `COMMIT` one at a time, and on a busy
 /// machine each waits for a core while the transaction holds the
-/// database's one writer: the order consumer's batch of six held it ~6 ms,
-/// of which its statements took well under one, and placements waited
-/// behind it (docs/benchmarks.md, eighteenth session). Here the first
+/// database's one writer: the order consumer's batch of six took ~6 ms at
+/// 3,000 orders/s, and placements waited behind it (docs/benchmarks.md,
+/// eighteenth session). Here the first
 /// [`read`](Self::read) begins the transaction in the same text, and
 /// [`commit`](Self::commit) sends the writes, those added with
 /// [`also`](Self::also), and `COMMIT` as one. Dropped or failed before its
