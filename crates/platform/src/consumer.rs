@@ -156,6 +156,36 @@ fn offset_upsert(params: &mut Params) -> String {
     )
 }
 
+/// A handler's work, with a panic in it a permanent failure of what it was
+/// applying, not of the consumer.
+async fn unpanicked<T>(
+    work: impl Future<Output = Result<T, HandleError>>,
+) -> Result<T, HandleError> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .map_err(|_| HandleError::Permanent("the handler panicked".into()))?
+}
+
+/// The event ids of `items`.
+fn ids(items: &[(Envelope, Event, i64)]) -> std::collections::HashSet<String> {
+    items
+        .iter()
+        .map(|(env, _, _)| env.event_id.clone())
+        .collect()
+}
+
+/// The events of `items` whose ids are in `fresh`, each once (a batch may
+/// hold the same id twice), in order.
+fn keep_fresh(
+    mut items: Vec<(Envelope, Event, i64)>,
+    mut fresh: std::collections::HashSet<String>,
+) -> Vec<(Envelope, Event)> {
+    items.retain(|(env, _, _)| fresh.remove(&env.event_id));
+    items.into_iter().map(|(env, ev, _)| (env, ev)).collect()
+}
+
 /// Whether `env` is of a type its handler applies again without effect.
 fn idempotent<H: Handler>(env: &Envelope) -> bool {
     H::IDEMPOTENT_TYPES.contains(&env.event_type.as_str())
@@ -454,7 +484,6 @@ impl<H: Handler> Consumer<H> {
         batch: &[crate::bus::Delivery],
         positional: bool,
     ) -> Result<(), HandleError> {
-        use futures_util::FutureExt;
         let mut items = Vec::with_capacity(batch.len());
         for d in batch {
             if d.attempt > MAX_DELIVERIES {
@@ -474,35 +503,32 @@ impl<H: Handler> Consumer<H> {
             return Ok(());
         };
         let appended = AppendMark::now();
-        let offset_known = matches!(*self.committed_offset(), Some(Some(_)));
+        // Taken, so that a batch that fails leaves the offset unknown.
+        let known = if positional {
+            self.committed_offset().take()
+        } else {
+            None
+        };
         if H::PLANNED
-            && positional
-            && offset_known
+            && let Some(Some(offset)) = known
             && let Some(tx) = self.db.planned()
         {
-            return self.apply_planned(tx, items, last, appended).await;
+            return self.apply_planned(tx, items, offset, last, appended).await;
         }
         let mut tx = self.db.begin().await?;
         let offered = items.len();
         // Without an offset yet (a new database, or one that recorded event
         // ids before offsets existed) the ids are recorded this once.
-        let offset = if positional {
-            let known = self.committed_offset().take();
-            match known {
-                Some(known) => known,
-                None => self.offset(&mut *tx).await?,
-            }
-        } else {
-            None
+        let offset = match known {
+            Some(known) => known,
+            None if positional => self.offset(&mut *tx).await?,
+            None => None,
         };
         if let Some(offset) = offset {
             items.retain(|(_, _, position)| *position > offset);
         }
-        let mut fresh = if offset.is_some() {
-            items
-                .iter()
-                .map(|(env, _, _)| env.event_id.clone())
-                .collect()
+        let fresh = if offset.is_some() {
+            ids(&items)
         } else {
             let (unrecorded, recorded): (Vec<_>, Vec<_>) = items
                 .iter()
@@ -513,17 +539,11 @@ impl<H: Handler> Consumer<H> {
             fresh.extend(unrecorded.into_iter().map(|env| env.event_id.clone()));
             fresh
         };
-        // Keep each new event once (a batch may hold the same id twice).
-        items.retain(|(env, _, _)| fresh.remove(&env.event_id));
-        let items: Vec<(Envelope, Event)> =
-            items.into_iter().map(|(env, ev, _)| (env, ev)).collect();
+        let items = keep_fresh(items, fresh);
         let applied = items.len() as u64;
         self.count_duplicates(offered, applied);
         if applied > 0 {
-            std::panic::AssertUnwindSafe(self.handler.handle_batch(&mut tx, items))
-                .catch_unwind()
-                .await
-                .map_err(|_| HandleError::Permanent("the handler panicked".into()))??;
+            unpanicked(self.handler.handle_batch(&mut tx, items)).await?;
         }
         if positional {
             self.save_offset(&mut tx, last).await?;
@@ -544,24 +564,14 @@ impl<H: Handler> Consumer<H> {
         &self,
         mut tx: Planned,
         mut items: Vec<(Envelope, Event, i64)>,
+        offset: i64,
         last: i64,
         appended: AppendMark,
     ) -> Result<(), HandleError> {
-        // Taken, so that a batch that fails leaves the offset unknown.
-        let offset = self
-            .committed_offset()
-            .take()
-            .flatten()
-            .expect("checked by the caller");
         let offered = items.len();
         items.retain(|(_, _, position)| *position > offset);
-        // Keep each new event once (a batch may hold the same id twice).
-        let mut seen = std::collections::HashSet::with_capacity(items.len());
-        let items: Vec<(Envelope, Event)> = items
-            .into_iter()
-            .filter(|(env, _, _)| seen.insert(env.event_id.clone()))
-            .map(|(env, ev, _)| (env, ev))
-            .collect();
+        let fresh = ids(&items);
+        let items = keep_fresh(items, fresh);
         let applied = items.len() as u64;
         self.count_duplicates(offered, applied);
         let name = self.name.clone();
@@ -570,11 +580,7 @@ impl<H: Handler> Consumer<H> {
             Box::new(move |q| q.bind(name).bind(last)),
         );
         if applied > 0 {
-            use futures_util::FutureExt;
-            std::panic::AssertUnwindSafe(self.handler.handle_batch_planned(&mut tx, items))
-                .catch_unwind()
-                .await
-                .map_err(|_| HandleError::Permanent("the handler panicked".into()))??;
+            unpanicked(self.handler.handle_batch_planned(&mut tx, items)).await?;
         }
         if !tx.committed() {
             tx.commit("", |q| q).await?;
@@ -670,14 +676,7 @@ impl<H: Handler> Consumer<H> {
         event: Event,
         position: Option<i64>,
     ) -> Result<Outcome, HandleError> {
-        use futures_util::FutureExt;
-        match std::panic::AssertUnwindSafe(self.apply_inner(env, event, position))
-            .catch_unwind()
-            .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(HandleError::Permanent("the handler panicked".into())),
-        }
+        unpanicked(self.apply_inner(env, event, position)).await
     }
 
     async fn apply_inner(

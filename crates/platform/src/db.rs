@@ -328,24 +328,15 @@ impl Db {
         writes: &str,
         bind: impl FnOnce(Query<'q>) -> Query<'q>,
     ) -> Result<(), sqlx::Error> {
-        let sql = match self.backend {
-            Backend::Postgres => writes.to_owned(),
-            Backend::Sqlite => format!("BEGIN IMMEDIATE; {writes}; COMMIT"),
-        };
-        let q = bind(sqlx::query(AssertSqlSafe(sql)).persistent(false));
-        if self.backend == Backend::Postgres {
-            q.execute(&self.write).await?;
-            return Ok(());
-        }
-        let mut writer = RollbackUnlessDone(Some(self.write.acquire().await?));
-        let conn = writer.0.as_mut().expect("held until done");
-        let outcome = q.execute(&mut **conn).await;
-        let conn = writer.0.take().expect("held until done");
-        match outcome {
-            Ok(_) => Ok(()),
-            Err(failed) => {
-                roll_back(conn).await;
-                Err(failed)
+        match self.planned() {
+            // A planned transaction that reads nothing: `BEGIN IMMEDIATE`,
+            // the writes and `COMMIT` in one text.
+            Some(mut tx) => tx.commit(writes, bind).await,
+            None => {
+                bind(sqlx::query(AssertSqlSafe(writes.to_owned())).persistent(false))
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
             }
         }
     }
@@ -434,16 +425,21 @@ impl Planned {
         bind: impl FnOnce(Query<'q>) -> Query<'q>,
     ) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
         assert!(!self.committed, "read after commit");
-        let text = if self.writer.0.is_none() {
-            self.writer.0 = Some(self.pool.acquire().await?);
-            format!("BEGIN IMMEDIATE; {sql}")
-        } else {
-            sql.to_owned()
-        };
-        let conn = self.writer.0.as_mut().expect("acquired above");
+        let text = format!("{}{sql}", self.begin().await?);
+        let conn = self.writer.0.as_mut().expect("begun above");
         bind(sqlx::query(AssertSqlSafe(text)).persistent(false))
             .fetch_all(&mut **conn)
             .await
+    }
+
+    /// What the next text starts with: `BEGIN IMMEDIATE` the first time,
+    /// once the writer is taken from its pool; after that nothing.
+    async fn begin(&mut self) -> Result<&'static str, sqlx::Error> {
+        if self.writer.0.is_some() {
+            return Ok("");
+        }
+        self.writer.0 = Some(self.pool.acquire().await?);
+        Ok("BEGIN IMMEDIATE; ")
     }
 
     /// Adds a write that [`commit`](Self::commit) sends after the caller's
@@ -473,10 +469,7 @@ impl Planned {
     ) -> Result<(), sqlx::Error> {
         assert!(!self.committed, "committed twice");
         let mut text = String::with_capacity(writes.len() + 64);
-        if self.writer.0.is_none() {
-            self.writer.0 = Some(self.pool.acquire().await?);
-            text.push_str("BEGIN IMMEDIATE; ");
-        }
+        text.push_str(self.begin().await?);
         for part in std::iter::once(writes).chain(self.also.iter().map(|(sql, _)| sql.as_str())) {
             if !part.is_empty() {
                 text.push_str(part);
@@ -488,9 +481,9 @@ impl Planned {
         for (_, bind_also) in self.also.drain(..) {
             q = bind_also(q);
         }
-        let conn = self.writer.0.as_mut().expect("acquired above");
+        let conn = self.writer.0.as_mut().expect("begun above");
         let outcome = q.execute(&mut **conn).await;
-        let conn = self.writer.0.take().expect("acquired above");
+        let conn = self.writer.0.take().expect("begun above");
         match outcome {
             Ok(_) => {
                 self.committed = true;
@@ -504,11 +497,12 @@ impl Planned {
     }
 }
 
-/// The writer of a [`Db::write_as_one`] in flight on SQLite. Dropped
-/// before the text's end (its caller stopped waiting: sqlx-sqlite then
-/// stops the text after the statement running, so `BEGIN` may have run
-/// and `COMMIT` not), it rolls back on a task of its own; the `ROLLBACK`
-/// queues behind that statement on the connection's thread.
+/// The writer of a [`Planned`] transaction (and so of a
+/// [`Db::write_as_one`]) on SQLite. Dropped before its `COMMIT` ran (its
+/// caller stopped waiting: sqlx-sqlite then stops the text after the
+/// statement running, so `BEGIN` may have run and `COMMIT` not), it rolls
+/// back on a task of its own; the `ROLLBACK` queues behind that statement
+/// on the connection's thread.
 struct RollbackUnlessDone(Option<sqlx::pool::PoolConnection<Any>>);
 
 impl Drop for RollbackUnlessDone {
