@@ -70,7 +70,7 @@ async fn a_wiped_read_model_is_rebuilt_from_the_event_history() {
     // The read model is lost.
     let db = mypage_db(&app).await;
     sqlx::query("DELETE FROM views")
-        .execute(db.writer())
+        .execute(&mut *db.write_conn().await.unwrap())
         .await
         .unwrap();
     db.close().await;

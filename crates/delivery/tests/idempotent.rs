@@ -44,7 +44,7 @@ async fn a_cook_completed_applied_again_starts_and_publishes_nothing() {
     apply(vec![b.clone()]).await;
     // After the delivery is done, too.
     sqlx::query("UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL")
-        .execute(db.writer())
+        .execute(&mut *db.write_conn().await.unwrap())
         .await
         .unwrap();
     apply(vec![a.clone(), b.clone()]).await;

@@ -385,7 +385,7 @@ impl EventLog {
         };
         let db = Db::open(&url, opts).await?;
         sqlx::migrate!("migrations/eventlog")
-            .run(db.writer())
+            .run(&mut *db.write_conn().await?)
             .await?;
         let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
             .fetch_one(db.reader())
@@ -591,16 +591,18 @@ async fn prune(db: &Db, before: i64, max_events: i64) -> anyhow::Result<u64> {
     let mut deleted = 0;
     loop {
         let started = tokio::time::Instant::now();
-        let n = sqlx::query(
-            "DELETE FROM events WHERE seq IN \
-             (SELECT seq FROM events WHERE seq <= $1 \
-              AND seq < (SELECT MAX(seq) FROM events) ORDER BY seq LIMIT $2)",
-        )
-        .bind(upto)
-        .bind(PRUNE_CHUNK)
-        .execute(db.writer())
-        .await?
-        .rows_affected();
+        let n = db
+            .execute(
+                sqlx::query(
+                    "DELETE FROM events WHERE seq IN \
+                     (SELECT seq FROM events WHERE seq <= $1 \
+                      AND seq < (SELECT MAX(seq) FROM events) ORDER BY seq LIMIT $2)",
+                )
+                .bind(upto)
+                .bind(PRUNE_CHUNK),
+            )
+            .await?
+            .rows_affected();
         deleted += n;
         if n < PRUNE_CHUNK as u64 {
             return Ok(deleted);
@@ -773,14 +775,16 @@ impl LogSubscription {
             return Ok(());
         }
         self.last_save = std::time::Instant::now();
-        sqlx::query(
-            "INSERT INTO consumer_positions (consumer, position) VALUES ($1, $2) \
-             ON CONFLICT (consumer) DO UPDATE SET position = excluded.position",
-        )
-        .bind(&self.consumer)
-        .bind(position)
-        .execute(self.db.writer())
-        .await?;
+        self.db
+            .execute(
+                sqlx::query(
+                    "INSERT INTO consumer_positions (consumer, position) VALUES ($1, $2) \
+                     ON CONFLICT (consumer) DO UPDATE SET position = excluded.position",
+                )
+                .bind(&self.consumer)
+                .bind(position),
+            )
+            .await?;
         self.acked = position;
         Ok(())
     }

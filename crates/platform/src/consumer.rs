@@ -761,12 +761,16 @@ impl<H: Handler> Consumer<H> {
     /// Forgets dedup records older than `age`; returns how many.
     pub async fn prune(&self, age: Duration) -> Result<u64, sqlx::Error> {
         let cutoff = now_ms() - age.as_millis() as i64;
-        let done =
-            sqlx::query("DELETE FROM processed_events WHERE consumer = $1 AND processed_at < $2")
+        let done = self
+            .db
+            .execute(
+                sqlx::query(
+                    "DELETE FROM processed_events WHERE consumer = $1 AND processed_at < $2",
+                )
                 .bind(&self.name)
-                .bind(cutoff)
-                .execute(self.db.writer())
-                .await?;
+                .bind(cutoff),
+            )
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -811,9 +815,8 @@ impl<H: Handler> Consumer<H> {
                 (_, offered) => offered,
             };
         }
-        sqlx::query("DELETE FROM dead_letters WHERE id = $1")
-            .bind(id)
-            .execute(self.db.writer())
+        self.db
+            .execute(sqlx::query("DELETE FROM dead_letters WHERE id = $1").bind(id))
             .await?;
         Ok(outcome)
     }

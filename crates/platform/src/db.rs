@@ -6,15 +6,21 @@
 //! (auto-increment keys, row locks) the migrations come in two folders and
 //! [`Db::lock_suffix`] adds `FOR UPDATE` on PostgreSQL.
 
-use std::{str::FromStr, time::Duration};
-
-use sqlx::{
-    Any, AnyPool, AssertSqlSafe, Executor,
-    any::{AnyConnectOptions, AnyPoolOptions},
-    migrate::{Migration, Migrator},
+use std::{
+    ops::{Deref, DerefMut},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
 };
 
-pub type Tx = sqlx::Transaction<'static, Any>;
+use sqlx::{
+    Any, AnyConnection, AnyPool, AssertSqlSafe, Executor,
+    any::{AnyConnectOptions, AnyPoolOptions, AnyQueryResult},
+    migrate::{Migration, Migrator},
+    pool::PoolConnection,
+};
+
+pub type Tx = Transaction;
 /// A statement being bound, on either backend.
 pub type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
 
@@ -87,9 +93,148 @@ pub struct Db {
     /// instead of in SQLite's lock means no `SQLITE_BUSY` and no lock
     /// upgrade deadlocks between a reader that turns writer and another.
     write: AnyPool,
+    /// SQLite's writer, out of [`write`](Self::write) once first used (see
+    /// [`Kept`]); `None` on PostgreSQL.
+    kept: Option<Kept>,
     /// Plain reads. With WAL, SQLite readers never wait for the writer.
     read: AnyPool,
 }
+
+/// SQLite's one writer connection, taken from its pool once and kept.
+/// sqlx pings a connection on its way back to the pool, and on SQLite a
+/// ping is a round trip to the connection's thread: with the writer in the
+/// pool, every write transaction was followed by one more wait for a core
+/// before the next writer could begin, on the path every placement takes.
+/// Kept here, it passes from one writer to the next with no round trip.
+/// What the ping was for, finding a connection that no longer works, is
+/// done where a failure shows: a write that fails for the connection
+/// itself ([`broken`]) gives it back to the pool (which pings it and closes
+/// it if it is dead), and the next writer takes a connection afresh.
+#[derive(Clone, Debug)]
+struct Kept {
+    slot: Arc<tokio::sync::Mutex<Option<PoolConnection<Any>>>>,
+    pool: AnyPool,
+}
+
+impl Kept {
+    async fn take(&self) -> Result<WriteConn, sqlx::Error> {
+        let mut slot = self.slot.clone().lock_owned().await;
+        if slot.is_none() {
+            *slot = Some(self.pool.acquire().await?);
+        }
+        Ok(WriteConn(Held::Kept(slot)))
+    }
+}
+
+/// Whether `e` says the connection itself failed, not the statement.
+fn broken(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::WorkerCrashed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+    )
+}
+
+/// A connection to write with, held until dropped: SQLite's kept writer
+/// (no other writer runs meanwhile), or one from PostgreSQL's pool.
+pub struct WriteConn(Held);
+
+enum Held {
+    Kept(tokio::sync::OwnedMutexGuard<Option<PoolConnection<Any>>>),
+    Pooled(PoolConnection<Any>),
+}
+
+impl WriteConn {
+    /// Never hands this connection out again: a kept writer goes back to
+    /// its pool (pinged there, closed if dead) and the next writer takes a
+    /// connection afresh; a pooled one is closed.
+    fn discard(&mut self) {
+        match &mut self.0 {
+            Held::Kept(slot) => drop(slot.take()),
+            Held::Pooled(conn) => conn.close_on_drop(),
+        }
+    }
+
+    /// `outcome`, after discarding the connection if it says the
+    /// connection failed.
+    fn check<T>(&mut self, outcome: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if let Err(e) = &outcome
+            && broken(e)
+        {
+            tracing::warn!(error = %e, "the writer's connection failed; taking a new one");
+            self.discard();
+        }
+        outcome
+    }
+}
+
+impl Deref for WriteConn {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        match &self.0 {
+            Held::Kept(slot) => slot
+                .as_ref()
+                .expect("a kept writer is held until discarded"),
+            Held::Pooled(conn) => conn,
+        }
+    }
+}
+
+impl DerefMut for WriteConn {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        match &mut self.0 {
+            Held::Kept(slot) => slot
+                .as_mut()
+                .expect("a kept writer is held until discarded"),
+            Held::Pooled(conn) => conn,
+        }
+    }
+}
+
+/// A write transaction ([`Db::begin`]); use `&mut **tx` (or `&mut *tx`)
+/// as the executor of its statements. Dropped before
+/// [`commit`](Self::commit) succeeds, it rolls back before its connection
+/// writes anything else.
+pub struct Transaction {
+    conn: RollbackUnlessDone,
+}
+
+impl Transaction {
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        let conn = self.conn.0.as_mut().expect("open until committed");
+        let outcome = conn.execute("COMMIT").await;
+        conn.check(outcome)?;
+        // Committed: nothing to roll back when dropped.
+        self.conn.0 = None;
+        Ok(())
+    }
+
+    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        roll_back(self.conn.0.take().expect("open until committed")).await;
+        Ok(())
+    }
+}
+
+impl Deref for Transaction {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        self.conn.0.as_ref().expect("open until committed")
+    }
+}
+
+impl DerefMut for Transaction {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        self.conn.0.as_mut().expect("open until committed")
+    }
+}
+
+/// How long a PostgreSQL connection may sit in its pool before it is
+/// pinged when taken.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug)]
 pub struct DbOptions {
@@ -234,6 +379,10 @@ impl Db {
                     .await?;
                 Db {
                     backend,
+                    kept: Some(Kept {
+                        slot: Arc::default(),
+                        pool: write.clone(),
+                    }),
                     write,
                     read,
                 }
@@ -264,11 +413,28 @@ impl Db {
                 let pool = AnyPoolOptions::new()
                     .max_connections(opts.max_connections.clamp(2, 4))
                     .acquire_timeout(Duration::from_secs(10))
+                    // sqlx pings every connection it takes from the pool, a
+                    // round trip to the server before every transaction
+                    // (on the way back to the pool it pings again). A
+                    // connection that was in use a moment ago has just
+                    // answered: ping only one that sat idle long enough for
+                    // the server to have gone away (a restart, a dropped
+                    // link); one that fails in use is closed on its return.
+                    .test_before_acquire(false)
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for >= PING_AFTER_IDLE {
+                                sqlx::Connection::ping(conn).await?;
+                            }
+                            Ok(true)
+                        })
+                    })
                     .connect(&url)
                     .await?;
                 Db {
                     backend,
                     write: pool.clone(),
+                    kept: None,
                     read: pool,
                 }
             }
@@ -305,10 +471,35 @@ impl Db {
     /// would otherwise fail with `SQLITE_BUSY` instead of waiting when
     /// another process (a CLI, a service sharing the event log) writes.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.write.begin().await,
+        let mut conn = self.write_conn().await?;
+        let begin = match self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        };
+        let outcome = conn.execute(begin).await;
+        // From here on, dropped uncommitted, it rolls back (`BEGIN` itself
+        // may have failed: then there is nothing to roll back).
+        let mut conn = RollbackUnlessDone(Some(conn));
+        let conn_ref = conn.0.as_mut().expect("just put");
+        conn_ref.check(outcome)?;
+        Ok(Transaction { conn })
+    }
+
+    /// The connection writes go to, held until dropped; on SQLite no other
+    /// writer runs meanwhile. For writes outside a transaction, each its
+    /// own (see [`Db::execute`]).
+    pub async fn write_conn(&self) -> Result<WriteConn, sqlx::Error> {
+        match &self.kept {
+            Some(kept) => kept.take().await,
+            None => Ok(WriteConn(Held::Pooled(self.write.acquire().await?))),
         }
+    }
+
+    /// Runs one write outside a transaction (it commits by itself).
+    pub async fn execute(&self, write: Query<'_>) -> Result<AnyQueryResult, sqlx::Error> {
+        let mut conn = self.write_conn().await?;
+        let outcome = write.execute(&mut *conn).await;
+        conn.check(outcome)
     }
 
     /// Runs `writes` — statements that together make one transaction and
@@ -333,9 +524,10 @@ impl Db {
             // the writes and `COMMIT` in one text.
             Some(mut tx) => tx.commit(writes, bind).await,
             None => {
-                bind(sqlx::query(AssertSqlSafe(writes.to_owned())).persistent(false))
-                    .execute(&self.write)
-                    .await?;
+                self.execute(bind(
+                    sqlx::query(AssertSqlSafe(writes.to_owned())).persistent(false),
+                ))
+                .await?;
                 Ok(())
             }
         }
@@ -347,8 +539,8 @@ impl Db {
     /// writes go with `COMMIT` ([`Planned`]). `None` on PostgreSQL, where a
     /// [`Tx`] does the same.
     pub fn planned(&self) -> Option<Planned> {
-        (self.backend == Backend::Sqlite).then(|| Planned {
-            pool: self.write.clone(),
+        Some(Planned {
+            kept: self.kept.clone()?,
             writer: RollbackUnlessDone(None),
             also: Vec::new(),
             committed: false,
@@ -358,11 +550,6 @@ impl Db {
     /// The pool for reads that need no transaction.
     pub fn reader(&self) -> &AnyPool {
         &self.read
-    }
-
-    /// The pool writes go to; for single-statement writes outside a transaction.
-    pub fn writer(&self) -> &AnyPool {
-        &self.write
     }
 
     /// Appended to a `SELECT` that must lock the rows it reads until commit.
@@ -385,6 +572,10 @@ impl Db {
     }
 
     pub async fn close(&self) {
+        // The pool waits for every connection it handed out.
+        if let Some(kept) = &self.kept {
+            kept.slot.lock().await.take();
+        }
         self.write.close().await;
         self.read.close().await;
     }
@@ -409,7 +600,7 @@ type Also = Box<dyn for<'q> FnOnce(Query<'q>) -> Query<'q> + Send>;
 /// [`also`](Self::also), and `COMMIT` as one. Dropped or failed before its
 /// commit, it rolls back, as [`Db::write_as_one`] does.
 pub struct Planned {
-    pool: AnyPool,
+    kept: Kept,
     /// The writer, once the transaction has begun.
     writer: RollbackUnlessDone,
     also: Vec<(String, Also)>,
@@ -427,18 +618,19 @@ impl Planned {
         assert!(!self.committed, "read after commit");
         let text = format!("{}{sql}", self.begin().await?);
         let conn = self.writer.0.as_mut().expect("begun above");
-        bind(sqlx::query(AssertSqlSafe(text)).persistent(false))
+        let outcome = bind(sqlx::query(AssertSqlSafe(text)).persistent(false))
             .fetch_all(&mut **conn)
-            .await
+            .await;
+        conn.check(outcome)
     }
 
     /// What the next text starts with: `BEGIN IMMEDIATE` the first time,
-    /// once the writer is taken from its pool; after that nothing.
+    /// once the writer is taken; after that nothing.
     async fn begin(&mut self) -> Result<&'static str, sqlx::Error> {
         if self.writer.0.is_some() {
             return Ok("");
         }
-        self.writer.0 = Some(self.pool.acquire().await?);
+        self.writer.0 = Some(self.kept.take().await?);
         Ok("BEGIN IMMEDIATE; ")
     }
 
@@ -483,6 +675,7 @@ impl Planned {
         }
         let conn = self.writer.0.as_mut().expect("begun above");
         let outcome = q.execute(&mut **conn).await;
+        let outcome = conn.check(outcome);
         let conn = self.writer.0.take().expect("begun above");
         match outcome {
             Ok(_) => {
@@ -497,13 +690,14 @@ impl Planned {
     }
 }
 
-/// The writer of a [`Planned`] transaction (and so of a
-/// [`Db::write_as_one`]) on SQLite. Dropped before its `COMMIT` ran (its
-/// caller stopped waiting: sqlx-sqlite then stops the text after the
+/// The writer of a transaction: a [`Transaction`], or a [`Planned`] one
+/// (and so a [`Db::write_as_one`]) on SQLite. Dropped before its `COMMIT`
+/// ran (its caller stopped waiting: sqlx-sqlite then stops a text after the
 /// statement running, so `BEGIN` may have run and `COMMIT` not), it rolls
-/// back on a task of its own; the `ROLLBACK` queues behind that statement
-/// on the connection's thread.
-struct RollbackUnlessDone(Option<sqlx::pool::PoolConnection<Any>>);
+/// back on a task of its own, which holds the writer until then: the
+/// `ROLLBACK` queues behind that statement on the connection, and no other
+/// writer finds the transaction open.
+struct RollbackUnlessDone(Option<WriteConn>);
 
 impl Drop for RollbackUnlessDone {
     fn drop(&mut self) {
@@ -511,7 +705,7 @@ impl Drop for RollbackUnlessDone {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => drop(rt.spawn(roll_back(conn))),
                 // No runtime left to roll back on: never reuse it.
-                Err(_) => conn.close_on_drop(),
+                Err(_) => conn.discard(),
             }
         }
     }
@@ -520,13 +714,13 @@ impl Drop for RollbackUnlessDone {
 /// Ends whatever transaction `conn` may be in. `BEGIN IMMEDIATE` itself may
 /// be what failed (a lock not granted in time), or the text may have
 /// committed: then there is nothing to roll back.
-async fn roll_back(mut conn: sqlx::pool::PoolConnection<Any>) {
+async fn roll_back(mut conn: WriteConn) {
     match conn.execute("ROLLBACK").await {
         Ok(_) => {}
         Err(e) if e.to_string().contains("no transaction is active") => {}
         Err(e) => {
             tracing::warn!(error = %e, "rollback failed; closing the connection");
-            conn.close_on_drop();
+            conn.discard();
         }
     }
 }
@@ -825,8 +1019,9 @@ mod tests {
             )
             .await
             .unwrap();
-            for pool in [db.writer(), db.reader()] {
-                let mut conn = pool.acquire().await.unwrap();
+            let mut writer = db.write_conn().await.unwrap();
+            let mut reader = db.reader().acquire().await.unwrap();
+            for conn in [&mut *writer, &mut *reader] {
                 let mode: String = sqlx::query("PRAGMA journal_mode")
                     .fetch_one(&mut *conn)
                     .await
@@ -860,7 +1055,7 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("one.db").display());
         let db = super::Db::open(&url, Default::default()).await.unwrap();
         sqlx::query("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-            .execute(db.writer())
+            .execute(&mut *db.write_conn().await.unwrap())
             .await
             .unwrap();
         let rows = || async {
@@ -918,6 +1113,65 @@ mod tests {
             "the next write waited for the abandoned one"
         );
         assert_eq!(rows().await, "v1,next,v3,next,v9,v10,next,v30,next");
+    }
+
+    /// SQLite's writer passes from one transaction to the next without going
+    /// back to its pool (where sqlx would ping it first); a transaction
+    /// dropped uncommitted is rolled back before the next writer begins;
+    /// and a writer given up as broken is replaced from the pool.
+    #[tokio::test]
+    async fn the_sqlite_writer_is_kept_between_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kept.db").display());
+        let db = super::Db::open(&url, Default::default()).await.unwrap();
+        db.execute(sqlx::query("CREATE TABLE t (k INTEGER PRIMARY KEY)"))
+            .await
+            .unwrap();
+        let keys = || async {
+            sqlx::query_scalar::<_, i64>("SELECT k FROM t ORDER BY k")
+                .fetch_all(db.reader())
+                .await
+                .unwrap()
+        };
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(db.write.size(), 1, "one writer connection");
+        assert_eq!(
+            db.write.num_idle(),
+            0,
+            "kept out of the pool, not idle in it"
+        );
+
+        // Dropped with its insert made and no commit.
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        drop(tx);
+        // `BEGIN IMMEDIATE` would fail inside a transaction left open.
+        db.write_as_one("INSERT INTO t VALUES (3)", |q| q)
+            .await
+            .expect("the writer is outside a transaction");
+        assert_eq!(keys().await, [1, 3], "the dropped insert is taken back");
+
+        let mut conn = db.write_conn().await.unwrap();
+        conn.discard();
+        drop(conn);
+        let mut tx = db.begin().await.expect("a writer taken afresh");
+        sqlx::query("INSERT INTO t VALUES (4)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(keys().await, [1, 3, 4]);
+        assert_eq!(db.write.size(), 1, "the given-up connection went back");
+        db.close().await;
+        assert!(db.is_closed(), "close does not wait for the kept writer");
     }
 
     #[test]

@@ -399,9 +399,7 @@ impl OwnedOutbox {
         if self.undeleted == 0 {
             return Ok(());
         }
-        sqlx::query("DELETE FROM outbox WHERE seq <= ?")
-            .bind(self.published)
-            .execute(db.writer())
+        db.execute(sqlx::query("DELETE FROM outbox WHERE seq <= ?").bind(self.published))
             .await?;
         self.undeleted = 0;
         self.waiting_since = None;

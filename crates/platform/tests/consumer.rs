@@ -265,7 +265,7 @@ async fn a_message_of_several_events_parked_whole_is_replayed_event_by_event() {
          VALUES ('test', $1, 'malformed envelope: trailing characters', 1, 0)",
     )
     .bind(&lines)
-    .execute(f.db.writer())
+    .execute(&mut *f.db.write_conn().await.unwrap())
     .await
     .unwrap();
     let parked = f.consumer.dead_letters().await.unwrap();
@@ -530,7 +530,7 @@ async fn the_owned_relay_parks_a_damaged_line_once_and_publishes_the_rest_of_its
     for payload in [format!("{}\n[1, 2", good.to_json()), "not json".to_owned()] {
         sqlx::query("INSERT INTO outbox (events, payload, created_at) VALUES (1, $1, 0)")
             .bind(payload)
-            .execute(f.db.writer())
+            .execute(&mut *f.db.write_conn().await.unwrap())
             .await
             .unwrap();
     }
