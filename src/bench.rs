@@ -73,6 +73,68 @@ pub struct Report {
     /// p99 over its bound can be told apart: a stall of a second or two
     /// stands out, a system slow throughout does not.
     pub place_max_ms_by_second: Vec<f64>,
+    /// How busy the whole machine was while orders were placed, the bench
+    /// and the system included, and how much of it a hypervisor took
+    /// (`None` where `/proc/stat` cannot be read). A tail over its bound on
+    /// a machine near saturation, or one whose steal is high, is the
+    /// machine's as much as the system's.
+    pub host: Option<HostLoad>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostLoad {
+    pub cores: usize,
+    /// Of all CPU time of the machine: not idle, not waiting for I/O
+    /// (time stolen counts as busy: the machine wanted to run then).
+    pub busy_percent: f64,
+    /// Of all CPU time: taken by the hypervisor for other guests.
+    pub steal_percent: f64,
+}
+
+/// The machine's CPU time so far (`/proc/stat`'s first line), in ticks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuTimes {
+    total: u64,
+    idle: u64,
+    steal: u64,
+}
+
+impl CpuTimes {
+    fn parse(stat: &str) -> Option<CpuTimes> {
+        let mut fields = stat.lines().next()?.split_whitespace();
+        if fields.next()? != "cpu" {
+            return None;
+        }
+        // user nice system idle iowait irq softirq steal (guest time is
+        // already counted in user and nice)
+        let t: Vec<u64> = fields
+            .take(8)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        if t.len() < 8 {
+            return None;
+        }
+        Some(CpuTimes {
+            total: t.iter().sum(),
+            idle: t[3] + t[4],
+            steal: t[7],
+        })
+    }
+
+    fn now() -> Option<CpuTimes> {
+        CpuTimes::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    fn until(self, later: CpuTimes) -> Option<HostLoad> {
+        let total = later.total.checked_sub(self.total).filter(|&t| t > 0)? as f64;
+        let pct = |ticks: u64| (ticks as f64 / total * 1000.0).round() / 10.0;
+        Some(HostLoad {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            busy_percent: pct(total as u64 - later.idle.saturating_sub(self.idle)),
+            steal_percent: pct(later.steal.saturating_sub(self.steal)),
+        })
+    }
 }
 
 /// Microsecond histograms up to an hour, 3 significant digits.
@@ -190,6 +252,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         ..Default::default()
     });
     let started = Instant::now();
+    let cpu_before = CpuTimes::now();
     let deadline = started + args.duration;
     let placing = Arc::new(AtomicBool::new(true));
     let budget = Arc::new(AtomicU64::new(args.max_orders));
@@ -314,6 +377,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         }
     }
     let placed_for = started.elapsed();
+    let host = cpu_before
+        .zip(CpuTimes::now())
+        .and_then(|(a, b)| a.until(b));
     // Drain: give the orders in flight time to finish.
     let drain_until = Instant::now() + args.drain;
     while Instant::now() < drain_until {
@@ -370,6 +436,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
             .into_iter()
             .map(|us| us as f64 / 1000.0)
             .collect(),
+        host,
     })
 }
 
@@ -513,6 +580,7 @@ impl Report {
              placed→delivered ms:    p50 {:.2}  p99 {:.2}\n\
              MyPage staleness ms:    p50 {:.2}  p99 {:.2}\n\
              errors:                 {errors}\n\
+             host while placing:     {}\n\
              ({} clients for {:.1} s, {})",
             self.orders_placed,
             self.orders_completed,
@@ -531,6 +599,13 @@ impl Report {
             self.end_to_end_latency_ms.p99,
             self.mypage_lag_ms.p50,
             self.mypage_lag_ms.p99,
+            match &self.host {
+                Some(h) => format!(
+                    "{:.1}% of {} cores busy, the bench included; {:.1}% stolen by the hypervisor",
+                    h.busy_percent, h.cores, h.steal_percent
+                ),
+                None => "unknown (no /proc/stat)".to_owned(),
+            },
             self.concurrency,
             self.duration_secs,
             match self.offered_per_sec {
@@ -597,6 +672,28 @@ mod tests {
         }
         // Exhausted for every client, not only the one that saw the end.
         assert_eq!(s.take(deadline), None);
+    }
+
+    #[test]
+    fn host_load_is_the_share_of_cpu_time_between_two_readings() {
+        let at = |user: u64, idle: u64, iowait: u64, steal: u64| {
+            CpuTimes::parse(&format!(
+                "cpu  {user} 0 0 {idle} {iowait} 0 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
+            ))
+            .unwrap()
+        };
+        let before = at(1_000, 5_000, 100, 10);
+        // 1,000 ticks pass: 700 of work, 200 idle, 50 waiting for I/O, 50 stolen.
+        let load = before.until(at(1_700, 5_200, 150, 60)).unwrap();
+        assert_eq!(
+            load.busy_percent, 75.0,
+            "work and steal: neither idle nor I/O wait"
+        );
+        assert_eq!(load.steal_percent, 5.0);
+        assert!(load.cores >= 1);
+        assert_eq!(before.until(before), None, "no time passed");
+        assert_eq!(CpuTimes::parse("intr 1 2 3"), None);
+        assert_eq!(CpuTimes::parse("cpu 1 2 3"), None, "too few fields");
     }
 
     #[test]

@@ -54,6 +54,20 @@ fn assert_consistent(r: &Report) {
         r.place_max_ms_by_second.len() as f64 <= r.duration_secs.ceil() + 1.0,
         "{r:?}"
     );
+    // The machine's load while placing: on Linux it is read, and the run
+    // itself kept at least some of it busy.
+    if cfg!(target_os = "linux") {
+        let host = r.host.as_ref().expect("read from /proc/stat");
+        assert!(host.cores >= 1, "{r:?}");
+        assert!(
+            host.busy_percent > 0.0 && host.busy_percent <= 100.0,
+            "{r:?}"
+        );
+        assert!(
+            (0.0..=host.busy_percent).contains(&host.steal_percent),
+            "{r:?}"
+        );
+    }
 }
 
 #[tokio::test]
