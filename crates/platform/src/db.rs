@@ -112,17 +112,51 @@ pub struct Db {
 /// it if it is dead), and the next writer takes a connection afresh.
 #[derive(Clone, Debug)]
 struct Kept {
-    slot: Arc<tokio::sync::Mutex<Option<PoolConnection<Any>>>>,
+    slot: Arc<tokio::sync::Mutex<KeptConn>>,
     pool: AnyPool,
 }
 
 impl Kept {
     async fn take(&self) -> Result<WriteConn, sqlx::Error> {
         let mut slot = self.slot.clone().lock_owned().await;
-        if slot.is_none() {
-            *slot = Some(self.pool.acquire().await?);
+        if slot.0.is_none() {
+            slot.0 = Some(self.pool.acquire().await?);
         }
         Ok(WriteConn(Held::Kept(slot)))
+    }
+}
+
+/// The kept writer, if taken. It lives as long as its [`Db`], which may be
+/// dropped where there is no runtime (a test's end, a process's): sqlx
+/// returns a connection to its pool on a task of its own and panics where
+/// it has none to spawn it on, so there it is closed on a runtime made for
+/// the purpose.
+#[derive(Debug, Default)]
+struct KeptConn(Option<PoolConnection<Any>>);
+
+impl KeptConn {
+    fn let_go(&mut self) {
+        if let Some(conn) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                drop(conn);
+            } else if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                // sqlx spawns even for a connection closed or detached
+                // (to keep its pool's minimum): a runtime of the moment
+                // for that.
+                rt.block_on(async move {
+                    let _ = conn.close().await;
+                });
+            }
+        }
+    }
+}
+
+impl Drop for KeptConn {
+    fn drop(&mut self) {
+        self.let_go();
     }
 }
 
@@ -142,7 +176,7 @@ fn broken(e: &sqlx::Error) -> bool {
 pub struct WriteConn(Held);
 
 enum Held {
-    Kept(tokio::sync::OwnedMutexGuard<Option<PoolConnection<Any>>>),
+    Kept(tokio::sync::OwnedMutexGuard<KeptConn>),
     Pooled(PoolConnection<Any>),
 }
 
@@ -152,7 +186,7 @@ impl WriteConn {
     /// connection afresh; a pooled one is closed.
     fn discard(&mut self) {
         match &mut self.0 {
-            Held::Kept(slot) => drop(slot.take()),
+            Held::Kept(slot) => slot.let_go(),
             Held::Pooled(conn) => conn.close_on_drop(),
         }
     }
@@ -176,6 +210,7 @@ impl Deref for WriteConn {
     fn deref(&self) -> &AnyConnection {
         match &self.0 {
             Held::Kept(slot) => slot
+                .0
                 .as_ref()
                 .expect("a kept writer is held until discarded"),
             Held::Pooled(conn) => conn,
@@ -187,6 +222,7 @@ impl DerefMut for WriteConn {
     fn deref_mut(&mut self) -> &mut AnyConnection {
         match &mut self.0 {
             Held::Kept(slot) => slot
+                .0
                 .as_mut()
                 .expect("a kept writer is held until discarded"),
             Held::Pooled(conn) => conn,
@@ -574,7 +610,7 @@ impl Db {
     pub async fn close(&self) {
         // The pool waits for every connection it handed out.
         if let Some(kept) = &self.kept {
-            kept.slot.lock().await.take();
+            kept.slot.lock().await.let_go();
         }
         self.write.close().await;
         self.read.close().await;
@@ -1172,6 +1208,28 @@ mod tests {
         assert_eq!(db.write.size(), 1, "the given-up connection went back");
         db.close().await;
         assert!(db.is_closed(), "close does not wait for the kept writer");
+    }
+
+    /// The kept writer lives as long as its `Db`, which may outlive the
+    /// runtime it was used on: dropping it then closes the connection
+    /// instead of panicking for want of a task to return it to its pool on.
+    #[test]
+    fn a_db_whose_writer_is_kept_can_be_dropped_after_its_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("late.db").display());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let db = rt.block_on(async {
+            let db = super::Db::open(&url, Default::default()).await.unwrap();
+            db.execute(sqlx::query("CREATE TABLE t (k INTEGER)"))
+                .await
+                .unwrap();
+            db
+        });
+        drop(rt);
+        drop(db);
     }
 
     #[test]
