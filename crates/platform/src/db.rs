@@ -120,9 +120,16 @@ impl Kept {
     async fn take(&self) -> Result<WriteConn, sqlx::Error> {
         let mut slot = self.slot.clone().lock_owned().await;
         if slot.0.is_none() {
-            slot.0 = Some(self.pool.acquire().await?);
+            let mut conn = self.pool.acquire().await?;
+            // One given back after a failure may be inside its transaction.
+            if let Err(e) = conn.execute("ROLLBACK").await
+                && !no_transaction(&e)
+            {
+                return Err(e);
+            }
+            slot.0 = Some(conn);
         }
-        Ok(WriteConn(Held::Kept(slot)))
+        Ok(WriteConn::new(Held::Kept(slot)))
     }
 }
 
@@ -160,6 +167,12 @@ impl Drop for KeptConn {
     }
 }
 
+/// Whether `e` is SQLite's answer to a `ROLLBACK` outside a transaction
+/// (PostgreSQL only warns).
+fn no_transaction(e: &sqlx::Error) -> bool {
+    e.to_string().contains("no transaction is active")
+}
+
 /// Whether `e` says the connection itself failed, not the statement.
 fn broken(e: &sqlx::Error) -> bool {
     matches!(
@@ -173,7 +186,11 @@ fn broken(e: &sqlx::Error) -> bool {
 
 /// A connection to write with, held until dropped: SQLite's kept writer
 /// (no other writer runs meanwhile), or one from PostgreSQL's pool.
-pub struct WriteConn(Held);
+pub struct WriteConn {
+    held: Held,
+    /// Given up ([`WriteConn::discard`]): nothing more is sent on it.
+    discarded: bool,
+}
 
 enum Held {
     Kept(tokio::sync::OwnedMutexGuard<KeptConn>),
@@ -181,11 +198,19 @@ enum Held {
 }
 
 impl WriteConn {
+    fn new(held: Held) -> WriteConn {
+        WriteConn {
+            held,
+            discarded: false,
+        }
+    }
+
     /// Never hands this connection out again: a kept writer goes back to
     /// its pool (pinged there, closed if dead) and the next writer takes a
     /// connection afresh; a pooled one is closed.
     fn discard(&mut self) {
-        match &mut self.0 {
+        self.discarded = true;
+        match &mut self.held {
             Held::Kept(slot) => slot.let_go(),
             Held::Pooled(conn) => conn.close_on_drop(),
         }
@@ -208,7 +233,7 @@ impl Deref for WriteConn {
     type Target = AnyConnection;
 
     fn deref(&self) -> &AnyConnection {
-        match &self.0 {
+        match &self.held {
             Held::Kept(slot) => slot
                 .0
                 .as_ref()
@@ -220,7 +245,7 @@ impl Deref for WriteConn {
 
 impl DerefMut for WriteConn {
     fn deref_mut(&mut self) -> &mut AnyConnection {
-        match &mut self.0 {
+        match &mut self.held {
             Held::Kept(slot) => slot
                 .0
                 .as_mut()
@@ -527,7 +552,7 @@ impl Db {
     pub async fn write_conn(&self) -> Result<WriteConn, sqlx::Error> {
         match &self.kept {
             Some(kept) => kept.take().await,
-            None => Ok(WriteConn(Held::Pooled(self.write.acquire().await?))),
+            None => Ok(WriteConn::new(Held::Pooled(self.write.acquire().await?))),
         }
     }
 
@@ -737,7 +762,7 @@ struct RollbackUnlessDone(Option<WriteConn>);
 
 impl Drop for RollbackUnlessDone {
     fn drop(&mut self) {
-        if let Some(mut conn) = self.0.take() {
+        if let Some(mut conn) = self.0.take().filter(|c| !c.discarded) {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => drop(rt.spawn(roll_back(conn))),
                 // No runtime left to roll back on: never reuse it.
@@ -751,9 +776,12 @@ impl Drop for RollbackUnlessDone {
 /// be what failed (a lock not granted in time), or the text may have
 /// committed: then there is nothing to roll back.
 async fn roll_back(mut conn: WriteConn) {
+    if conn.discarded {
+        return;
+    }
     match conn.execute("ROLLBACK").await {
         Ok(_) => {}
-        Err(e) if e.to_string().contains("no transaction is active") => {}
+        Err(e) if no_transaction(&e) => {}
         Err(e) => {
             tracing::warn!(error = %e, "rollback failed; closing the connection");
             conn.discard();
@@ -1206,6 +1234,26 @@ mod tests {
         tx.commit().await.unwrap();
         assert_eq!(keys().await, [1, 3, 4]);
         assert_eq!(db.write.size(), 1, "the given-up connection went back");
+
+        // A transaction whose connection failed for itself (made up here:
+        // a real one would be dead) is given up without a rollback sent on
+        // it; the next writer takes the connection afresh, out of whatever
+        // it was left in.
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (5)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let conn = tx.conn.0.as_mut().unwrap();
+        assert!(conn.check::<()>(Err(sqlx::Error::WorkerCrashed)).is_err());
+        drop(tx);
+        let mut tx = db.begin().await.expect("a writer taken afresh");
+        sqlx::query("INSERT INTO t VALUES (6)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(keys().await, [1, 3, 4, 6]);
         db.close().await;
         assert!(db.is_closed(), "close does not wait for the kept writer");
     }
