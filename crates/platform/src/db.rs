@@ -293,10 +293,6 @@ impl DerefMut for Transaction {
     }
 }
 
-/// How long a PostgreSQL connection may sit in its pool before it is
-/// pinged when taken.
-const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
-
 #[derive(Clone, Copy, Debug)]
 pub struct DbOptions {
     /// SQLite `synchronous=FULL` (fsync on every commit) instead of NORMAL.
@@ -474,22 +470,6 @@ impl Db {
                 let pool = AnyPoolOptions::new()
                     .max_connections(opts.max_connections.clamp(2, 4))
                     .acquire_timeout(Duration::from_secs(10))
-                    // sqlx pings every connection it takes from the pool, a
-                    // round trip to the server before every transaction
-                    // (on the way back to the pool it pings again). A
-                    // connection that was in use a moment ago has just
-                    // answered: ping only one that sat idle long enough for
-                    // the server to have gone away (a restart, a dropped
-                    // link); one that fails in use is closed on its return.
-                    .test_before_acquire(false)
-                    .before_acquire(|conn, meta| {
-                        Box::pin(async move {
-                            if meta.idle_for >= PING_AFTER_IDLE {
-                                sqlx::Connection::ping(conn).await?;
-                            }
-                            Ok(true)
-                        })
-                    })
                     .connect(&url)
                     .await?;
                 Db {
