@@ -512,18 +512,20 @@ impl Db {
     /// would otherwise fail with `SQLITE_BUSY` instead of waiting when
     /// another process (a CLI, a service sharing the event log) writes.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        let mut conn = self.write_conn().await?;
         let begin = match self.backend {
             Backend::Sqlite => "BEGIN IMMEDIATE",
             Backend::Postgres => "BEGIN",
         };
+        // Rolled back if dropped from before `BEGIN` is sent: a caller that
+        // stops waiting for it may leave it to run on the connection all
+        // the same (a `ROLLBACK` with no transaction open is harmless).
+        let mut tx = Transaction {
+            conn: RollbackUnlessDone(Some(self.write_conn().await?)),
+        };
+        let conn = tx.conn.0.as_mut().expect("just put");
         let outcome = conn.execute(begin).await;
-        // From here on, dropped uncommitted, it rolls back (`BEGIN` itself
-        // may have failed: then there is nothing to roll back).
-        let mut conn = RollbackUnlessDone(Some(conn));
-        let conn_ref = conn.0.as_mut().expect("just put");
-        conn_ref.check(outcome)?;
-        Ok(Transaction { conn })
+        conn.check(outcome)?;
+        Ok(tx)
     }
 
     /// The connection writes go to, held until dropped; on SQLite no other
@@ -1177,12 +1179,20 @@ mod tests {
                 .await
                 .unwrap()
         };
-        let mut tx = db.begin().await.unwrap();
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        // A transaction begun, with row `k` inserted, not yet committed.
+        let inserted = async |k: i64| {
+            let mut tx = db
+                .begin()
+                .await
+                .expect("the writer is outside a transaction");
+            sqlx::query("INSERT INTO t VALUES ($1)")
+                .bind(k)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        };
+        inserted(1).await.commit().await.unwrap();
         assert_eq!(db.write.size(), 1, "one writer connection");
         assert_eq!(
             db.write.num_idle(),
@@ -1191,12 +1201,7 @@ mod tests {
         );
 
         // Dropped with its insert made and no commit.
-        let mut tx = db.begin().await.unwrap();
-        sqlx::query("INSERT INTO t VALUES (2)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        drop(tx);
+        drop(inserted(2).await);
         // `BEGIN IMMEDIATE` would fail inside a transaction left open.
         db.write_as_one("INSERT INTO t VALUES (3)", |q| q)
             .await
@@ -1206,12 +1211,8 @@ mod tests {
         let mut conn = db.write_conn().await.unwrap();
         conn.discard();
         drop(conn);
-        let mut tx = db.begin().await.expect("a writer taken afresh");
-        sqlx::query("INSERT INTO t VALUES (4)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        // A writer taken afresh.
+        inserted(4).await.commit().await.unwrap();
         assert_eq!(keys().await, [1, 3, 4]);
         assert_eq!(db.write.size(), 1, "the given-up connection went back");
 
@@ -1219,20 +1220,11 @@ mod tests {
         // a real one would be dead) is given up without a rollback sent on
         // it; the next writer takes the connection afresh, out of whatever
         // it was left in.
-        let mut tx = db.begin().await.unwrap();
-        sqlx::query("INSERT INTO t VALUES (5)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        let mut tx = inserted(5).await;
         let conn = tx.conn.0.as_mut().unwrap();
         assert!(conn.check::<()>(Err(sqlx::Error::WorkerCrashed)).is_err());
         drop(tx);
-        let mut tx = db.begin().await.expect("a writer taken afresh");
-        sqlx::query("INSERT INTO t VALUES (6)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        inserted(6).await.commit().await.unwrap();
         assert_eq!(keys().await, [1, 3, 4, 6]);
         db.close().await;
         assert!(db.is_closed(), "close does not wait for the kept writer");
