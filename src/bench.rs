@@ -127,11 +127,11 @@ impl CpuTimes {
     }
 
     fn until(self, later: CpuTimes) -> Option<HostLoad> {
-        let total = later.total.checked_sub(self.total).filter(|&t| t > 0)? as f64;
-        let pct = |ticks: u64| (ticks as f64 / total * 1000.0).round() / 10.0;
+        let total = later.total.checked_sub(self.total).filter(|&t| t > 0)?;
+        let pct = |ticks: u64| (ticks as f64 / total as f64 * 1000.0).round() / 10.0;
         Some(HostLoad {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            busy_percent: pct(total as u64 - later.idle.saturating_sub(self.idle)),
+            busy_percent: pct(total.saturating_sub(later.idle.saturating_sub(self.idle))),
             steal_percent: pct(later.steal.saturating_sub(self.steal)),
         })
     }
