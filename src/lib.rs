@@ -13,6 +13,7 @@ pub mod supervisor;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
+pub use restaurant_platform::backlog::Limit;
 use restaurant_platform::{
     breaker::BreakerConfig,
     bus::{Bus, EventLog, NatsBus},
@@ -53,6 +54,9 @@ pub struct UpConfig {
     pub cors_origins: Vec<String>,
     /// How long the gateway stays up, unready, after being told to stop.
     pub gateway_drain: Duration,
+    /// How far a consumer may trail the bus before new orders are refused
+    /// (`restaurant_platform::backlog`).
+    pub max_backlog: Limit,
 }
 
 /// The gateway's configuration for `cfg`.
@@ -86,6 +90,7 @@ impl UpConfig {
             max_in_flight: 2048,
             cors_origins: Vec::new(),
             gateway_drain: Duration::ZERO,
+            max_backlog: Limit::Auto,
         }
     }
 }
@@ -158,6 +163,7 @@ impl Launcher {
                     cook_url: self.cook_url.clone(),
                     cancel_timeout: self.cfg.cancel_timeout,
                     breaker: self.cfg.cancel_breaker,
+                    max_backlog: self.cfg.max_backlog.on(&self.bus),
                 };
                 restaurant_order::start(ctx(restaurant_order::NAME, db), listener, config).await?
             }

@@ -75,6 +75,12 @@ struct Tuning {
     /// Kubernetes), then finishes what is in flight.
     #[arg(long, default_value = "0s")]
     drain: Timer,
+    /// New orders get 503 while a consumer trails the bus by more than
+    /// this many entries (events on the embedded log, messages on
+    /// JetStream): `auto` is the bus's retention bound (1,000,000 events,
+    /// 250,000 messages), `off` never refuses.
+    #[arg(long, default_value = "auto")]
+    max_backlog: restaurant::Limit,
 }
 
 impl Tuning {
@@ -92,6 +98,7 @@ impl Tuning {
         cfg.max_in_flight = self.max_in_flight;
         cfg.cors_origins = self.cors_origin.clone();
         cfg.gateway_drain = self.drain.0.unwrap_or_default();
+        cfg.max_backlog = self.max_backlog;
         cfg
     }
 }

@@ -107,6 +107,8 @@ fn common_args(cfg: &UpConfig) -> Vec<String> {
         cfg.max_in_flight.to_string(),
         "--drain".into(),
         timer_arg(Some(cfg.gateway_drain)),
+        "--max-backlog".into(),
+        cfg.max_backlog.to_string(),
     ];
     if !cfg.cors_origins.is_empty() {
         args.extend(["--cors-origin".into(), cfg.cors_origins.join(",")]);

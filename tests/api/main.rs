@@ -2,6 +2,7 @@
 //! client would. Each test starts its own system on port 0 with a fresh
 //! data directory, so tests run in parallel without sharing anything.
 
+mod backlog;
 mod bad_input;
 mod bench;
 mod cancel;

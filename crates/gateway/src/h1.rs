@@ -77,6 +77,17 @@ impl ResponseHead {
             .map(|(n, v)| (&self.head[n.clone()], &self.head[v.clone()]))
     }
 
+    /// A 503 with `Retry-After`: the upstream turning work away on purpose
+    /// (the order service while the bus's backlog is over its limit). It
+    /// answered, so it is no failure of the replica: counted as one, three
+    /// in a row would open its breaker and refuse its reads as well.
+    pub fn sheds(&self) -> bool {
+        self.status == 503
+            && self
+                .headers()
+                .any(|(name, _)| name.eq_ignore_ascii_case(b"retry-after"))
+    }
+
     /// The headers passed on to the client: not the hop-by-hop ones, nor
     /// the length, which the gateway writes for the body it sends — unless
     /// no body follows, when the length describes the resource.
@@ -437,6 +448,23 @@ mod tests {
             decode(Framing::Length(10), &[b"short"]),
             Err(Malformed::Framing)
         );
+    }
+
+    #[test]
+    fn only_a_503_with_retry_after_is_shedding() {
+        let sheds = |wire: &[u8]| {
+            let mut buf = BytesMut::from(wire);
+            parse_response(&mut buf, false).unwrap().unwrap().sheds()
+        };
+        assert!(sheds(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!sheds(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!sheds(
+            b"HTTP/1.1 500 Internal Server Error\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n"
+        ));
     }
 
     #[test]

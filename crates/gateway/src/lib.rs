@@ -858,7 +858,7 @@ async fn forward(route: &Route, out: &Outgoing) -> (Result<Answer, Problem>, boo
         match result {
             Ok(Ok(answer)) => {
                 let status = answer.head.status;
-                if status >= 500 {
+                if status >= 500 && !answer.head.sheds() {
                     permit.failure();
                 } else {
                     permit.success();

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{Router, http::StatusCode, routing::get};
+use axum::{Router, http::StatusCode, response::IntoResponse, routing::get};
 use restaurant_gateway::{Config, Upstreams};
 use restaurant_platform::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -206,6 +206,8 @@ struct Flaky {
     failing: Arc<AtomicBool>,
     /// Answer 503 (a transient failure) while staying "ready".
     overloaded: Arc<AtomicBool>,
+    /// Answer 503 with `Retry-After`: turning work away on purpose.
+    shedding: Arc<AtomicBool>,
     hung: Arc<AtomicBool>,
     served: Arc<AtomicUsize>,
 }
@@ -235,13 +237,17 @@ async fn flaky(name: &'static str) -> (String, Flaky) {
                     std::future::pending::<()>().await;
                 }
                 s.served.fetch_add(1, Ordering::SeqCst);
+                let retry_after = [(axum::http::header::RETRY_AFTER, "1")];
+                if s.shedding.load(Ordering::SeqCst) {
+                    return (StatusCode::SERVICE_UNAVAILABLE, retry_after, name).into_response();
+                }
                 if s.overloaded.load(Ordering::SeqCst) {
-                    return (StatusCode::SERVICE_UNAVAILABLE, name);
+                    return (StatusCode::SERVICE_UNAVAILABLE, name).into_response();
                 }
                 if s.failing.load(Ordering::SeqCst) {
-                    (StatusCode::INTERNAL_SERVER_ERROR, name)
+                    (StatusCode::INTERNAL_SERVER_ERROR, name).into_response()
                 } else {
-                    (StatusCode::OK, name)
+                    (StatusCode::OK, name).into_response()
                 }
             }
         });
@@ -304,6 +310,42 @@ async fn a_failing_replica_is_ejected_after_a_few_errors_and_readmitted_when_wel
     assert!(
         sick.served.load(Ordering::SeqCst) > served_while_sick + 5,
         "the recovered replica gets traffic again"
+    );
+}
+
+/// A 503 with `Retry-After` is the upstream turning work away on purpose
+/// (the order service over its backlog limit): passed on every time, and
+/// the replica's breaker stays closed, so its other requests still reach
+/// it. A 503 without it is a failure like any 5xx.
+#[tokio::test]
+async fn a_replica_shedding_with_retry_after_keeps_its_breaker_closed() {
+    let (only, state) = flaky("only").await;
+    let gw = gateway_with(order_pool(vec![only]), Duration::from_secs(5)).await;
+    let c = reqwest::Client::new();
+    state.shedding.store(true, Ordering::SeqCst);
+    for _ in 0..10 {
+        let res = c.post(format!("{gw}/orders")).send().await.unwrap();
+        assert_eq!(res.status(), 503);
+        assert_eq!(res.headers()["retry-after"], "1");
+    }
+    assert_eq!(state.served.load(Ordering::SeqCst), 10, "each reached it");
+    state.shedding.store(false, Ordering::SeqCst);
+    let res = c.get(format!("{gw}/orders/1")).send().await.unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "answered at once, no breaker to wait out"
+    );
+
+    state.overloaded.store(true, Ordering::SeqCst);
+    for _ in 0..10 {
+        let res = c.post(format!("{gw}/orders")).send().await.unwrap();
+        assert_eq!(res.status(), 503);
+    }
+    assert_eq!(
+        state.served.load(Ordering::SeqCst),
+        11 + 3,
+        "three failures open the breaker, which answers the rest itself"
     );
 }
 

@@ -113,6 +113,9 @@ pub async fn place(
         &req.address,
     )
     .map_err(Problem::validation)?;
+    // After validation: a request that could never be placed hears why,
+    // whatever the backlog.
+    app.backlog.admit()?;
     let fingerprint = new.fingerprint();
     let (order, event) = new.place(new_id());
     let placement = Placement {

@@ -22,6 +22,7 @@ use axum::{
     routing::{get, post},
 };
 use restaurant_platform::{
+    backlog::Backlog,
     breaker::BreakerConfig,
     db::Migrations,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -44,6 +45,10 @@ pub struct Config {
     pub cancel_timeout: Duration,
     /// The circuit breaker on that call.
     pub breaker: BreakerConfig,
+    /// New orders are refused while a consumer trails the bus by more
+    /// than this many entries ([`restaurant_platform::backlog`]); `None`:
+    /// never.
+    pub max_backlog: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -51,6 +56,7 @@ pub struct App {
     pub ctx: ServiceContext,
     pub kitchen: kitchen::Kitchen,
     pub placer: http::Placer,
+    pub backlog: Backlog,
 }
 
 pub fn router(app: App) -> Router {
@@ -67,13 +73,16 @@ pub async fn start(
     config: Config,
 ) -> std::io::Result<RunningService> {
     let (placer, placing) = http::placer(ctx.db.clone(), ctx.outbox.clone());
+    let backlog = Backlog::new(config.max_backlog);
     let app = App {
         kitchen: kitchen::Kitchen::new(config.cook_url, config.cancel_timeout, config.breaker),
         ctx: ctx.clone(),
         placer,
+        backlog: backlog.clone(),
     };
     let mut host = ServiceHost::new(ctx);
     host.spawn(placing);
+    host.spawn(backlog.watch(app.ctx.bus.clone(), app.ctx.shutdown.clone()));
     host.consume(Arc::new(events::OrderEvents(app.clone())));
     host.serve(listener, router(app))
 }

@@ -104,6 +104,7 @@ async fn order_service(cook_url: &str) -> OrderService {
                 open_for: Duration::from_millis(800),
                 max_open_for: Duration::from_secs(10),
             },
+            max_backlog: None,
         },
     )
     .await

@@ -111,6 +111,14 @@ impl Bus {
             Bus::Nats(nats) => nats.ping().await,
         }
     }
+
+    /// How far each durable consumer trails, by name (see [`BEHIND_GAUGE`]).
+    pub async fn consumers_behind(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        match self {
+            Bus::Embedded(log) => log.consumers_behind().await,
+            Bus::Nats(nats) => nats.consumers_behind().await,
+        }
+    }
 }
 
 pub enum Subscription {
@@ -502,10 +510,12 @@ impl EventLog {
 }
 
 /// The gauge of how far each consumer trails, set at every prune pass of
-/// the bus (every 10 s while events arrive): on the log the events after
-/// its saved position, on JetStream the messages of its subject it has not
-/// acknowledged. A consumer stuck for good holds everything after it on
-/// either bus, which then grows; this is where that shows first.
+/// the bus (every 10 s while events arrive) and, in the order service,
+/// every second by its backlog check ([`crate::backlog`]): on the log the
+/// events after its saved position, on JetStream the messages of its
+/// subject it has not acknowledged. A consumer stuck for good holds
+/// everything after it on either bus, which then grows; this is where that
+/// shows first, and past the backlog limit new orders are refused.
 pub const BEHIND_GAUGE: &str = "bus_consumer_behind";
 
 /// [`EventLog::consumers_behind`] of the log in `db`.
@@ -545,7 +555,7 @@ fn prune_due<S: PartialEq>(
         .is_none_or(|(head, at)| *head != now.0 || now.1.duration_since(*at) >= PRUNE_IDLE_EVERY)
 }
 
-fn set_behind(behind: &[(String, u64)]) {
+pub(crate) fn set_behind(behind: &[(String, u64)]) {
     for (consumer, n) in behind {
         metrics::gauge!(BEHIND_GAUGE, "consumer" => consumer.clone()).set(*n as f64);
     }

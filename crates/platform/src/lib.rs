@@ -15,10 +15,12 @@
 //!   rejection, request ids and trace context, health and metrics routes.
 //! - [`service`]: wiring a service's parts into running tasks.
 //! - [`batch`]: group commit for request handlers' small writes.
+//! - [`backlog`]: new work refused while a consumer trails the bus too far.
 //! - [`breaker`]: a circuit breaker for synchronous calls to another service.
 //! - [`shutdown`], [`telemetry`], [`client`].
 #![forbid(unsafe_code)]
 
+pub mod backlog;
 pub mod batch;
 pub mod breaker;
 pub mod bus;
