@@ -2,7 +2,9 @@
 //! writer can wake the reader it feeds (a commit its relay, an append its
 //! subscribers, a new timer its loop), so once an order has gone through,
 //! nothing reads a database until something happens; only the gateway's
-//! rare check of each sole replica and a timer's 5 s safety sleep remain.
+//! rare check of each sole replica and a timer's 5 s safety sleep remain;
+//! the order service's backlog check stops once every consumer has caught
+//! up.
 //! Before, in 3 idle seconds, the consumers read the log's table ~24
 //! times, the timers ran ~12 passes and the gateway asked `/readyz` ~24
 //! times. Runs the embedded shape only: the counters are this process's.
@@ -75,6 +77,15 @@ async fn an_idle_system_reads_nothing_and_checks_rarely() {
     assert!(
         passes <= 2.0,
         "{passes} timer passes in 3 s (two timers, 5 s sleeps)"
+    );
+    assert!(
+        counter(&before, "backlog_checks_total", &[]) > 0.0,
+        "the backlog was checked while the order went through"
+    );
+    assert_eq!(
+        grew("backlog_checks_total", &[]),
+        0.0,
+        "the backlog is checked at rest"
     );
     let checks = grew("http_requests_total", &["route=\"/readyz\""]);
     assert!(

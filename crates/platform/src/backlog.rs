@@ -95,6 +95,8 @@ impl fmt::Display for Limit {
 
 /// Counts placements turned away, by `reason`.
 pub const REFUSED_COUNTER: &str = "orders_refused_total";
+/// Counts looks at the bus's backlog.
+pub const CHECKS_COUNTER: &str = "backlog_checks_total";
 
 /// Whether the bus's backlog admits new work; cheap to clone and to ask.
 #[derive(Clone, Debug)]
@@ -126,10 +128,12 @@ impl Backlog {
     /// cannot be asked leaves the last answer as it was: a bus that is down
     /// stops the relays anyway, and refusing for it would turn a short
     /// outage into lost orders.
-    pub async fn check(&self, bus: &Bus) -> anyhow::Result<()> {
+    /// Returns how far the farthest consumer trails.
+    pub async fn check(&self, bus: &Bus) -> anyhow::Result<u64> {
         let Some(limit) = self.limit else {
-            return Ok(());
+            return Ok(0);
         };
+        metrics::counter!(CHECKS_COUNTER).increment(1);
         let behind = match bus.consumers_behind().await {
             Ok(behind) => {
                 if self.state.failing.swap(false, Ordering::Relaxed) {
@@ -145,6 +149,7 @@ impl Backlog {
             }
         };
         set_behind(&behind);
+        let farthest = behind.iter().map(|(_, n)| *n).max().unwrap_or(0);
         let worst = behind
             .into_iter()
             .max_by_key(|(_, n)| *n)
@@ -167,7 +172,7 @@ impl Backlog {
             _ => {}
         }
         *self.state.worst.lock().expect("backlog lock") = worst;
-        Ok(())
+        Ok(farthest)
     }
 
     /// `Err` with the 503 to answer while the backlog is over its limit.
@@ -188,14 +193,25 @@ impl Backlog {
         .retry_after(CHECK_EVERY))
     }
 
-    /// Checks every [`CHECK_EVERY`] until shutdown.
+    /// Checks every [`CHECK_EVERY`] until shutdown. On a log only this
+    /// process appends to, not while it rests: with nothing appended since
+    /// a check that found every consumer caught up, none can have fallen
+    /// behind, and an idle system reads no database (`tests/idle.rs`).
     pub async fn watch(self, bus: Bus, shutdown: Shutdown) {
         if self.limit.is_none() {
             return;
         }
+        // The head at the last check that found every consumer caught up.
+        let mut settled_at: Option<i64> = None;
         loop {
-            // A failure is logged by `check` and changes nothing.
-            let _ = self.check(&bus).await;
+            let head = bus.own_head();
+            if head.is_none() || head != settled_at {
+                // A failure is logged by `check` and changes nothing.
+                settled_at = match self.check(&bus).await {
+                    Ok(0) => head,
+                    _ => None,
+                };
+            }
             tokio::select! {
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
                 _ = shutdown.wait() => return,

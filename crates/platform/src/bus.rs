@@ -119,6 +119,15 @@ impl Bus {
             Bus::Nats(nats) => nats.consumers_behind().await,
         }
     }
+
+    /// The last event appended, where this process sees every append (an
+    /// embedded log only it writes); `None` where others append too.
+    pub fn own_head(&self) -> Option<i64> {
+        match self {
+            Bus::Embedded(log) if log.tail.is_some() => Some(*log.last_seq.borrow()),
+            _ => None,
+        }
+    }
 }
 
 pub enum Subscription {
