@@ -20,12 +20,11 @@ async fn new_orders_are_refused_while_a_stopped_consumer_trails_past_the_limit()
     let mut app = TestApp::spawn_with(|c| c.max_backlog = Limit::Entries(LIMIT)).await;
     let r = restaurant();
     app.set_menu(&r, "naengmyeon", 10_000).await;
-    // MyPage has read (and saved its place) before it stops: a consumer
-    // is known to the bus once it has.
+    // MyPage has read something before it stops, and saves its place as
+    // it stops: a consumer is known to the bus once it has saved one.
     let first = app.place_ok("first", &r, &[("naengmyeon", 1)]).await;
     app.wait_mypage(&first, |v| v["orderStatus"] == "ACCEPTED")
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     app.system_mut().stop_service("mypage").await.unwrap();
 
     let mut accepted = vec![first];

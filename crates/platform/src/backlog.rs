@@ -125,9 +125,10 @@ impl Backlog {
     }
 
     /// Looks at the bus once and admits or refuses from now on. A bus that
-    /// cannot be asked leaves the last answer as it was: a bus that is down
-    /// stops the relays anyway, and refusing for it would turn a short
-    /// outage into lost orders.
+    /// cannot be asked leaves the last answer as it was: while it is down
+    /// the outboxes hold what the services publish, as they are made to,
+    /// and refusing orders for it would turn a short outage of the bus
+    /// into one of the order service.
     /// Returns how far the farthest consumer trails.
     pub async fn check(&self, bus: &Bus) -> anyhow::Result<u64> {
         let Some(limit) = self.limit else {
