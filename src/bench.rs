@@ -333,6 +333,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                             .or_default()
                             .insert(id, Pending { created_at });
                     }
+                    // Turned away on purpose (the gateway at capacity, the
+                    // order service over its backlog limit), not failed.
+                    Ok(res) if res.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                        shared.error("http_503")
+                    }
                     Ok(res) if res.status().is_server_error() => shared.error("http_5xx"),
                     Ok(_) => shared.error("http_4xx"),
                     Err(e) => shared.error(error_kind(&e)),
