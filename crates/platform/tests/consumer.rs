@@ -1150,6 +1150,38 @@ async fn six_events_and_two_consumers() -> (
     (dir, log, bus, first, ahead, behind)
 }
 
+/// The backlog check refuses while the consumer farthest behind trails by
+/// more than the limit, names it, and admits again once it has read on;
+/// without a limit nothing is refused.
+#[tokio::test]
+async fn the_backlog_refuses_while_a_consumer_trails_past_the_limit() {
+    use restaurant_platform::backlog::Backlog;
+    let (_dir, _log, bus, _first, mut ahead, mut behind) = six_events_and_two_consumers().await;
+    assert_eq!(read_and_save(&mut ahead, 5).await, 5);
+    assert_eq!(read_and_save(&mut behind, 1).await, 1);
+    let at_limit = Backlog::new(Some(5));
+    assert_eq!(at_limit.check(&bus).await.unwrap(), 5);
+    assert!(at_limit.admit().is_ok(), "5 behind is within a limit of 5");
+
+    let backlog = Backlog::new(Some(3));
+    assert!(backlog.admit().is_ok(), "nothing refused before a check");
+    assert_eq!(backlog.check(&bus).await.unwrap(), 5);
+    let refused = backlog.admit().unwrap_err();
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.retry_after, Some(Duration::from_secs(1)));
+    let body = serde_json::to_value(&refused).unwrap();
+    assert_eq!(body["consumer"], "behind");
+    assert_eq!(body["behind"], 5);
+
+    assert_eq!(read_and_save(&mut behind, 3).await, 3);
+    assert_eq!(backlog.check(&bus).await.unwrap(), 2);
+    assert!(backlog.admit().is_ok(), "back within the limit");
+
+    let unbounded = Backlog::new(None);
+    unbounded.check(&bus).await.unwrap();
+    assert!(unbounded.admit().is_ok());
+}
+
 /// The embedded log drops events past its retention once every consumer
 /// with a saved position has passed them: never one a known consumer has
 /// not read, never one younger than the cut, and never the newest (the
