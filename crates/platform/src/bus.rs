@@ -827,6 +827,9 @@ pub struct NatsBus {
 /// each time (a poison that crashes, not one that fails).
 pub const MAX_DELIVERIES: i64 = 5;
 
+/// Tries after the first at creating (or finding) the stream.
+const STREAM_CREATE_TRIES: u32 = 3;
+
 impl NatsBus {
     pub async fn connect(url: &str, stream: &str) -> anyhow::Result<NatsBus> {
         use async_nats::jetstream::stream::{Config, StorageType};
@@ -837,7 +840,7 @@ impl NatsBus {
             .await
             .map_err(|e| anyhow::anyhow!("connecting to NATS at {url}: {e}"))?;
         let js = async_nats::jetstream::new(client.clone());
-        js.get_or_create_stream(Config {
+        let config = Config {
             name: stream.to_owned(),
             subjects: vec![format!("{stream}.events.>")],
             storage: StorageType::File,
@@ -846,9 +849,25 @@ impl NatsBus {
             duplicate_window: Duration::from_secs(120),
             max_age: RETENTION,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("creating stream {stream}: {e}"))?;
+        };
+        // A creation can fail for a moment on the server's side: nats-server
+        // 2.9 removes an account's storage directory with its last stream,
+        // and a stream created meanwhile fails with "error creating store
+        // for stream" (10049; its log: `mkdir …/$G/streams/<name>: no such
+        // file or directory`). Seen once in CI, where tests create and
+        // delete streams side by side; the next try creates the directory.
+        let mut tries = 0;
+        loop {
+            match js.get_or_create_stream(config.clone()).await {
+                Ok(_) => break,
+                Err(e) if tries < STREAM_CREATE_TRIES => {
+                    tries += 1;
+                    tracing::warn!(stream, error = %e, tries, "creating the stream failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(100 * tries as u64)).await;
+                }
+                Err(e) => anyhow::bail!("creating stream {stream}: {e}"),
+            }
+        }
         Ok(NatsBus {
             client,
             js,

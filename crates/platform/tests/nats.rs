@@ -265,3 +265,31 @@ async fn pruning_drops_only_what_every_durable_consumer_acknowledged_beyond_the_
     assert_eq!(left, [9, 10]);
     delete_nats_stream(&url(), &stream).await.unwrap();
 }
+
+/// Streams created and deleted side by side (as the tests and the
+/// services of several systems do on one server) are all created:
+/// nats-server 2.9 drops an account's storage directory with its last
+/// stream, and a creation racing that failed with "error creating store
+/// for stream" until `NatsBus::connect` tried again. Without the retry two
+/// runs of five failed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_created_while_others_are_deleted_are_all_created() {
+    let run = new_id().replace('-', "");
+    let loops: Vec<_> = (0..8)
+        .map(|t| {
+            let run = run.clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    let stream = format!("rt_{run}_{t}_{i}");
+                    NatsBus::connect(&url(), &stream)
+                        .await
+                        .unwrap_or_else(|e| panic!("{stream}: {e}"));
+                    delete_nats_stream(&url(), &stream).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for l in loops {
+        l.await.unwrap();
+    }
+}
