@@ -107,10 +107,9 @@ pub struct Backlog {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Read by every placement; the details only when it refuses.
-    over: AtomicBool,
-    /// The consumer over the limit and by how much, at the last check.
-    worst: Mutex<Option<(String, u64)>>,
+    /// The consumer over the limit and by how much, at the last check;
+    /// `None` while every consumer is within it.
+    over: Mutex<Option<(String, u64)>>,
     /// The last check failed (logged once, not every second).
     failing: AtomicBool,
 }
@@ -151,17 +150,15 @@ impl Backlog {
             }
         };
         set_behind(&behind);
-        let farthest = behind.iter().map(|(_, n)| *n).max().unwrap_or(0);
-        let worst = behind
-            .into_iter()
-            .max_by_key(|(_, n)| *n)
-            .filter(|(_, n)| *n > limit);
-        let over = worst.is_some();
-        // The details first: a placement that sees the flag set reads
-        // them, and they are what it goes by.
-        *self.state.worst.lock().expect("backlog lock") = worst.clone();
-        let was = self.state.over.swap(over, Ordering::Release);
-        match (&worst, was) {
+        let farthest = behind.into_iter().max_by_key(|(_, n)| *n);
+        let trails = farthest.as_ref().map_or(0, |(_, n)| *n);
+        let over = farthest.filter(|(_, n)| *n > limit);
+        let was = std::mem::replace(
+            &mut *self.state.over.lock().expect("backlog lock"),
+            over.clone(),
+        )
+        .is_some();
+        match (&over, was) {
             (Some((consumer, n)), false) => tracing::warn!(
                 consumer,
                 behind = n,
@@ -176,18 +173,12 @@ impl Backlog {
             }
             _ => {}
         }
-        Ok(farthest)
+        Ok(trails)
     }
 
     /// `Err` with the 503 to answer while the backlog is over its limit.
     pub fn admit(&self) -> Result<(), Problem> {
-        if !self.state.over.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        // The details decide: a check may have found the consumer back
-        // since the flag was read.
-        let Some((consumer, behind)) = self.state.worst.lock().expect("backlog lock").clone()
-        else {
+        let Some((consumer, behind)) = self.state.over.lock().expect("backlog lock").clone() else {
             return Ok(());
         };
         metrics::counter!(REFUSED_COUNTER, "reason" => "backlog").increment(1);
