@@ -292,13 +292,16 @@ async fn the_relay_keeps_commit_order_and_what_the_bus_refused(order: &Db, dir: 
     tx.commit().await.unwrap();
     emitted.extend(together.iter().map(|e| e.event_id.clone()));
     let (before, after) = (placed("d"), placed("d"));
-    sqlx::query("INSERT INTO outbox (events, payload, created_at) VALUES (3, $1, 0)")
-        .bind(format!(
-            "{}\n{{\"eventId\": 7}}\n{}",
-            before.to_json(),
-            after.to_json()
-        ))
-        .execute(&mut *order.write_conn().await.unwrap())
+    order
+        .execute(
+            sqlx::query("INSERT INTO outbox (events, payload, created_at) VALUES (3, $1, 0)").bind(
+                format!(
+                    "{}\n{{\"eventId\": 7}}\n{}",
+                    before.to_json(),
+                    after.to_json()
+                ),
+            ),
+        )
         .await
         .unwrap();
     emitted.extend([before.event_id, after.event_id]);

@@ -69,10 +69,7 @@ async fn a_wiped_read_model_is_rebuilt_from_the_event_history() {
 
     // The read model is lost.
     let db = mypage_db(&app).await;
-    sqlx::query("DELETE FROM views")
-        .execute(&mut *db.write_conn().await.unwrap())
-        .await
-        .unwrap();
+    db.execute(sqlx::query("DELETE FROM views")).await.unwrap();
     db.close().await;
     assert_eq!(
         app.get(&format!("/mypages/{delivered}")).await.status(),

@@ -43,10 +43,11 @@ async fn a_cook_completed_applied_again_starts_and_publishes_nothing() {
     apply(vec![a.clone(), b.clone(), a.clone()]).await;
     apply(vec![b.clone()]).await;
     // After the delivery is done, too.
-    sqlx::query("UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL")
-        .execute(&mut *db.write_conn().await.unwrap())
-        .await
-        .unwrap();
+    db.execute(sqlx::query(
+        "UPDATE deliveries SET status = 'DELIVERED', complete_at = NULL",
+    ))
+    .await
+    .unwrap();
     apply(vec![a.clone(), b.clone()]).await;
     apply(vec![a.clone()]).await;
 

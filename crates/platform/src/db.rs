@@ -1100,10 +1100,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("one.db").display());
         let db = super::Db::open(&url, Default::default()).await.unwrap();
-        sqlx::query("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-            .execute(&mut *db.write_conn().await.unwrap())
-            .await
-            .unwrap();
+        db.execute(sqlx::query(
+            "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)",
+        ))
+        .await
+        .unwrap();
         let rows = || async {
             sqlx::query_scalar::<_, Option<String>>("SELECT group_concat(v, ',') FROM t")
                 .fetch_one(db.reader())
