@@ -152,14 +152,14 @@ async fn stored_views(db: &Db) -> Vec<Vec<Option<String>>> {
     use sqlx::Row;
     sqlx::query(
         "SELECT order_id, customer_id, restaurant_id, items, CAST(facts AS TEXT), cook_id, \
-         delivery_id, reject_reason, cancel_reason, refuse_reason, CAST(updated_at AS TEXT) \
-         FROM views ORDER BY order_id",
+         delivery_id, reject_reason, cancel_reason, refuse_reason, CAST(updated_at AS TEXT), \
+         CAST(delivered_at AS TEXT) FROM views ORDER BY order_id",
     )
     .fetch_all(db.reader())
     .await
     .unwrap()
     .iter()
-    .map(|r| (0..11).map(|i| r.try_get(i).unwrap()).collect())
+    .map(|r| (0..12).map(|i| r.try_get(i).unwrap()).collect())
     .collect()
 }
 
@@ -168,7 +168,7 @@ async fn stored_views(db: &Db) -> Vec<Vec<Option<String>>> {
 /// JSON must escape in every column, must leave the same views on both,
 /// and a batch applied again must change nothing.
 async fn mypage_batches_store_the_same_on_both_backends(postgres: &Db, sqlite: &Db) {
-    use restaurant_contract::{CookCancelled, CookRef, DeliveryStarted};
+    use restaurant_contract::{CookCancelled, CookRef, DeliveryRef, DeliveryStarted};
 
     let odd = "\"q\" \\ 한국어 🍜 \n\t\u{1}";
     let mut placement = placed(odd);
@@ -220,6 +220,22 @@ async fn mypage_batches_store_the_same_on_both_backends(postgres: &Db, sqlite: &
             }),
             9,
         ),
+        // Delivered: the earlier of the two is the delivery time, in
+        // whichever order they come.
+        on(
+            &order,
+            Event::OrderDelivered(DeliveryRef {
+                delivery_id: format!("d{odd}"),
+            }),
+            11,
+        ),
+        on(
+            &order,
+            Event::DeliveryCompleted(DeliveryRef {
+                delivery_id: format!("d{odd}"),
+            }),
+            10,
+        ),
         // An order whose placement has not arrived: no customer yet.
         on(
             "overtaken",
@@ -262,6 +278,11 @@ async fn mypage_batches_store_the_same_on_both_backends(postgres: &Db, sqlite: &
         "items as stored text"
     );
     assert_eq!(stored[1].as_deref(), Some(odd), "the customer");
+    assert_eq!(
+        stored[11].as_deref(),
+        Some("10"),
+        "delivered at the earlier"
+    );
     assert_eq!(
         after[0], after[1],
         "PostgreSQL and SQLite store the same views"

@@ -33,6 +33,10 @@ async fn an_order_is_cooked_delivered_and_visible_on_mypage_all_the_way() {
     let d = app.get_ok(&format!("/deliveries/{delivery_id}")).await;
     assert_eq!(d["orderId"], id);
     assert_eq!(d["status"], "DELIVERING");
+    let on_the_way = app
+        .wait_mypage(id, |v| v["deliveryStatus"] == "DELIVERING")
+        .await;
+    assert_eq!(on_the_way["deliveredAt"], Value::Null, "{on_the_way}");
 
     let res = app
         .post(&format!("/deliveries/{delivery_id}/complete"))
@@ -50,6 +54,18 @@ async fn an_order_is_cooked_delivered_and_visible_on_mypage_all_the_way() {
     assert_eq!(view["cookId"], cook_id.as_str());
     assert_eq!(view["deliveryId"], delivery_id.as_str());
     assert_eq!(view["items"][0]["qty"], 2);
+    // Delivered when the courier completed it: after the placement, and
+    // no later than the last event the view reflects.
+    let time = |v: &Value| {
+        let t = v.as_str().unwrap_or_else(|| panic!("a timestamp, got {v}"));
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    let delivered_at = time(&view["deliveredAt"]);
+    assert!(
+        time(&placed["createdAt"]) <= delivered_at,
+        "{placed} {view}"
+    );
+    assert!(delivered_at <= time(&view["updatedAt"]), "{view}");
     let mine = app.get_ok("/mypages?customerId=alice").await;
     assert_eq!(mine.as_array().unwrap().len(), 1);
     let orders = app.get_ok("/orders?customerId=alice").await;

@@ -37,7 +37,8 @@ pub fn migrations() -> Migrations {
 }
 
 const COLUMNS: &str = "order_id, customer_id, restaurant_id, items, facts, cook_id, delivery_id, \
-                       reject_reason, cancel_reason, refuse_reason, updated_at, projected_at";
+                       reject_reason, cancel_reason, refuse_reason, updated_at, projected_at, \
+                       delivered_at";
 
 /// A view as stored: the projection plus when it was last written.
 struct Stored {
@@ -62,6 +63,7 @@ fn from_row(r: &AnyRow) -> Result<Stored, sqlx::Error> {
         cancel_reason: r.try_get(8)?,
         refuse_reason: r.try_get(9)?,
         updated_at: r.try_get(10)?,
+        delivered_at: r.try_get(12)?,
     };
     Ok(Stored {
         view,
@@ -86,11 +88,12 @@ struct StoredRow<'a> {
     refuse_reason: Option<&'a str>,
     updated_at: i64,
     projected_at: i64,
+    delivered_at: Option<i64>,
 }
 
-/// The nullable fields of a view, each joined by keeping the least value
-/// (see [`projection`]). On SQLite the first, `customer_id`, is joined by
-/// a statement of its own (see [`join_customers`]).
+/// The nullable text fields of a view, each joined by keeping the least
+/// value (see [`projection`]). On SQLite the first, `customer_id`, is
+/// joined by a statement of its own (see [`join_customers`]).
 const JOINED: [&str; 8] = [
     "customer_id",
     "restaurant_id",
@@ -138,28 +141,30 @@ async fn project_batch(
         Backend::Postgres => (" COLLATE \"C\"", &JOINED[..]),
         Backend::Sqlite => ("", &JOINED[1..]),
     };
-    let least = |c: &str| {
+    let least = |c: &str, collate: &str| {
         format!(
-            "(excluded.{c} IS NOT NULL AND ({table}.{c} IS NULL OR excluded.{c}{bytewise} < {table}.{c}))"
+            "(excluded.{c} IS NOT NULL AND ({table}.{c} IS NULL OR excluded.{c}{collate} < {table}.{c}))"
         )
     };
-    let set = joined
+    // The text columns compared bytewise, and the one number, the delivery
+    // time, as a number.
+    let least_of = joined
         .iter()
-        .map(|c| {
-            format!(
-                "{c} = CASE WHEN {} THEN excluded.{c} ELSE {table}.{c} END",
-                least(c)
-            )
-        })
+        .map(|c| (*c, least(c, bytewise)))
+        .chain(std::iter::once(("delivered_at", least("delivered_at", ""))))
+        .collect::<Vec<_>>();
+    let set = least_of
+        .iter()
+        .map(|(c, least)| format!("{c} = CASE WHEN {least} THEN excluded.{c} ELSE {table}.{c} END"))
         .chain(std::iter::once(format!(
             "updated_at = CASE WHEN excluded.updated_at > {table}.updated_at \
              THEN excluded.updated_at ELSE {table}.updated_at END"
         )))
         .collect::<Vec<_>>()
         .join(", ");
-    let changed = joined
+    let changed = least_of
         .iter()
-        .map(|c| least(c))
+        .map(|(_, least)| least.clone())
         .chain(std::iter::once(format!(
             "excluded.updated_at > {table}.updated_at"
         )))
@@ -199,6 +204,7 @@ async fn project_batch(
                 refuse_reason: v.refuse_reason.as_deref(),
                 updated_at: v.updated_at,
                 projected_at: now,
+                delivered_at: v.delivered_at,
             })
             .collect();
         sqlx::query(AssertSqlSafe(upsert(&format!(
@@ -208,8 +214,8 @@ async fn project_batch(
         .execute(&mut **tx)
         .await?;
     } else {
-        for chunk in views.chunks(rows_per_statement(tx, 12)) {
-            let values = Params::of(tx).rows(chunk.len(), 12);
+        for chunk in views.chunks(rows_per_statement(tx, 13)) {
+            let values = Params::of(tx).rows(chunk.len(), 13);
             let mut q =
                 sqlx::query(AssertSqlSafe(upsert(&format!("VALUES {values}")))).persistent(false);
             for view in chunk {
@@ -225,7 +231,8 @@ async fn project_batch(
                     .bind(&view.cancel_reason)
                     .bind(&view.refuse_reason)
                     .bind(view.updated_at)
-                    .bind(now);
+                    .bind(now)
+                    .bind(view.delivered_at);
             }
             q.execute(&mut **tx).await?;
         }
@@ -274,7 +281,7 @@ async fn join_customers(
 }
 
 /// The view table's shape, for a rebuild's fresh table; the same as
-/// `migrations/0100_views.sql` (the rebuild test reads rebuilt views through
+/// `migrations/0100_views.sql` and `0200_delivered_at.sql` (the rebuild test reads rebuilt views through
 /// the ordinary queries).
 fn create_view_table(table: &str, index: &str) -> [String; 2] {
     [
@@ -282,7 +289,7 @@ fn create_view_table(table: &str, index: &str) -> [String; 2] {
             "CREATE TABLE {table} (order_id TEXT PRIMARY KEY, customer_id TEXT, \
              restaurant_id TEXT, items TEXT, facts BIGINT NOT NULL, cook_id TEXT, \
              delivery_id TEXT, reject_reason TEXT, cancel_reason TEXT, refuse_reason TEXT, \
-             updated_at BIGINT NOT NULL, projected_at BIGINT NOT NULL)"
+             updated_at BIGINT NOT NULL, projected_at BIGINT NOT NULL, delivered_at BIGINT)"
         ),
         format!("CREATE INDEX {index} ON {table} (customer_id, order_id)"),
     ]
@@ -402,6 +409,8 @@ pub struct MyPage {
     cook_id: Option<String>,
     delivery_id: Option<String>,
     reason: Option<String>,
+    /// When the order was delivered; null until then.
+    delivered_at: Option<String>,
     /// When the latest event this view reflects happened.
     updated_at: String,
     /// When the view last changed; minus `updatedAt`, its staleness.
@@ -422,6 +431,7 @@ impl From<Stored> for MyPage {
             delivery_status: v.delivery_status(),
             reason: v.reason().map(str::to_owned),
             updated_at: rfc3339(v.updated_at),
+            delivered_at: v.delivered_at.map(rfc3339),
             order_id: v.order_id,
             customer_id: v.customer_id,
             restaurant_id: v.restaurant_id,

@@ -41,6 +41,11 @@ pub struct View {
     pub cancel_reason: Option<String>,
     pub refuse_reason: Option<String>,
     pub updated_at: i64,
+    /// When the courier handed the order over (epoch ms): the earliest of
+    /// the delivery's `DeliveryCompleted` and the order's `OrderDelivered`,
+    /// which follows it. The least, not the latest, so that it is the same
+    /// whichever copy of either arrives first.
+    pub delivered_at: Option<i64>,
 }
 
 /// Sets a write-once field; on a conflict keeps the smaller value, so the
@@ -97,6 +102,7 @@ impl View {
             }
             Event::OrderDelivered(d) => {
                 join(&mut self.delivery_id, &d.delivery_id);
+                join(&mut self.delivered_at, &at);
                 DELIVERY_COMPLETED
             }
             Event::StockChecked(s) => {
@@ -138,6 +144,7 @@ impl View {
             }
             Event::DeliveryCompleted(d) => {
                 join(&mut self.delivery_id, &d.delivery_id);
+                join(&mut self.delivered_at, &at);
                 DELIVERY_COMPLETED
             }
         };
@@ -358,7 +365,25 @@ pub(crate) mod tests {
             assert_eq!(v.cook_status(), cook);
             assert_eq!(v.delivery_status(), delivery);
             assert_eq!(v.customer_id.as_deref(), Some("c"));
+            // Delivered when the delivery completed (the sixth event, at
+            // 5), not when the order service confirmed it (at 6).
+            let delivered = (delivery == Some("DELIVERED")).then_some(5);
+            assert_eq!(v.delivered_at, delivered);
         }
+    }
+
+    #[test]
+    fn the_delivery_time_is_the_earliest_copy_whatever_arrives_first() {
+        let done = |id: &str| DeliveryRef {
+            delivery_id: id.into(),
+        };
+        let mut v = View::new("o");
+        v.apply(&Event::OrderDelivered(done("d")), 30);
+        assert_eq!(v.delivered_at, Some(30));
+        v.apply(&Event::DeliveryCompleted(done("d")), 20);
+        v.apply(&Event::OrderDelivered(done("d")), 30);
+        assert_eq!(v.delivered_at, Some(20));
+        assert_eq!(v.updated_at, 30);
     }
 
     #[test]
