@@ -153,13 +153,13 @@ async fn stored_views(db: &Db) -> Vec<Vec<Option<String>>> {
     sqlx::query(
         "SELECT order_id, customer_id, restaurant_id, items, CAST(facts AS TEXT), cook_id, \
          delivery_id, reject_reason, cancel_reason, refuse_reason, CAST(updated_at AS TEXT), \
-         CAST(delivered_at AS TEXT) FROM views ORDER BY order_id",
+         CAST(placed_at AS TEXT), CAST(delivered_at AS TEXT) FROM views ORDER BY order_id",
     )
     .fetch_all(db.reader())
     .await
     .unwrap()
     .iter()
-    .map(|r| (0..12).map(|i| r.try_get(i).unwrap()).collect())
+    .map(|r| (0..13).map(|i| r.try_get(i).unwrap()).collect())
     .collect()
 }
 
@@ -279,7 +279,7 @@ async fn mypage_batches_store_the_same_on_both_backends(postgres: &Db, sqlite: &
     );
     assert_eq!(stored[1].as_deref(), Some(odd), "the customer");
     assert_eq!(
-        stored[11].as_deref(),
+        stored[12].as_deref(),
         Some("10"),
         "delivered at the earlier"
     );

@@ -61,6 +61,7 @@ async fn an_order_is_cooked_delivered_and_visible_on_mypage_all_the_way() {
         time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
     };
     let delivered_at = time(&view["deliveredAt"]);
+    assert_eq!(view["placedAt"], placed["createdAt"], "{view}");
     assert!(
         time(&placed["createdAt"]) <= delivered_at,
         "{placed} {view}"

@@ -38,7 +38,7 @@ pub fn migrations() -> Migrations {
 
 const COLUMNS: &str = "order_id, customer_id, restaurant_id, items, facts, cook_id, delivery_id, \
                        reject_reason, cancel_reason, refuse_reason, updated_at, projected_at, \
-                       delivered_at";
+                       placed_at, delivered_at";
 
 /// A view as stored: the projection plus when it was last written.
 struct Stored {
@@ -63,7 +63,8 @@ fn from_row(r: &AnyRow) -> Result<Stored, sqlx::Error> {
         cancel_reason: r.try_get(8)?,
         refuse_reason: r.try_get(9)?,
         updated_at: r.try_get(10)?,
-        delivered_at: r.try_get(12)?,
+        placed_at: r.try_get(12)?,
+        delivered_at: r.try_get(13)?,
     };
     Ok(Stored {
         view,
@@ -88,6 +89,7 @@ struct StoredRow<'a> {
     refuse_reason: Option<&'a str>,
     updated_at: i64,
     projected_at: i64,
+    placed_at: Option<i64>,
     delivered_at: Option<i64>,
 }
 
@@ -146,12 +148,11 @@ async fn project_batch(
             "(excluded.{c} IS NOT NULL AND ({table}.{c} IS NULL OR excluded.{c}{collate} < {table}.{c}))"
         )
     };
-    // The text columns compared bytewise, and the one number, the delivery
-    // time, as a number.
+    // The text columns compared bytewise, the times as numbers.
     let least_of = joined
         .iter()
         .map(|c| (*c, least(c, bytewise)))
-        .chain(std::iter::once(("delivered_at", least("delivered_at", ""))))
+        .chain(["placed_at", "delivered_at"].map(|c| (c, least(c, ""))))
         .collect::<Vec<_>>();
     let set = least_of
         .iter()
@@ -204,6 +205,7 @@ async fn project_batch(
                 refuse_reason: v.refuse_reason.as_deref(),
                 updated_at: v.updated_at,
                 projected_at: now,
+                placed_at: v.placed_at,
                 delivered_at: v.delivered_at,
             })
             .collect();
@@ -214,8 +216,8 @@ async fn project_batch(
         .execute(&mut **tx)
         .await?;
     } else {
-        for chunk in views.chunks(rows_per_statement(tx, 13)) {
-            let values = Params::of(tx).rows(chunk.len(), 13);
+        for chunk in views.chunks(rows_per_statement(tx, 14)) {
+            let values = Params::of(tx).rows(chunk.len(), 14);
             let mut q =
                 sqlx::query(AssertSqlSafe(upsert(&format!("VALUES {values}")))).persistent(false);
             for view in chunk {
@@ -232,6 +234,7 @@ async fn project_batch(
                     .bind(&view.refuse_reason)
                     .bind(view.updated_at)
                     .bind(now)
+                    .bind(view.placed_at)
                     .bind(view.delivered_at);
             }
             q.execute(&mut **tx).await?;
@@ -281,7 +284,7 @@ async fn join_customers(
 }
 
 /// The view table's shape, for a rebuild's fresh table; the same as
-/// `migrations/0100_views.sql` and `0200_delivered_at.sql` (the rebuild test reads rebuilt views through
+/// `migrations/0100_views.sql` and `0200_view_times.sql` (the rebuild test reads rebuilt views through
 /// the ordinary queries).
 fn create_view_table(table: &str, index: &str) -> [String; 2] {
     [
@@ -289,7 +292,8 @@ fn create_view_table(table: &str, index: &str) -> [String; 2] {
             "CREATE TABLE {table} (order_id TEXT PRIMARY KEY, customer_id TEXT, \
              restaurant_id TEXT, items TEXT, facts BIGINT NOT NULL, cook_id TEXT, \
              delivery_id TEXT, reject_reason TEXT, cancel_reason TEXT, refuse_reason TEXT, \
-             updated_at BIGINT NOT NULL, projected_at BIGINT NOT NULL, delivered_at BIGINT)"
+             updated_at BIGINT NOT NULL, projected_at BIGINT NOT NULL, placed_at BIGINT, \
+             delivered_at BIGINT)"
         ),
         format!("CREATE INDEX {index} ON {table} (customer_id, order_id)"),
     ]
@@ -409,6 +413,8 @@ pub struct MyPage {
     cook_id: Option<String>,
     delivery_id: Option<String>,
     reason: Option<String>,
+    /// When the order was placed; null while only later events are known.
+    placed_at: Option<String>,
     /// When the order was delivered; null until then.
     delivered_at: Option<String>,
     /// When the latest event this view reflects happened.
@@ -431,6 +437,7 @@ impl From<Stored> for MyPage {
             delivery_status: v.delivery_status(),
             reason: v.reason().map(str::to_owned),
             updated_at: rfc3339(v.updated_at),
+            placed_at: v.placed_at.map(rfc3339),
             delivered_at: v.delivered_at.map(rfc3339),
             order_id: v.order_id,
             customer_id: v.customer_id,

@@ -41,6 +41,8 @@ pub struct View {
     pub cancel_reason: Option<String>,
     pub refuse_reason: Option<String>,
     pub updated_at: i64,
+    /// When the order was placed (epoch ms): its `OrderPlaced`.
+    pub placed_at: Option<i64>,
     /// When the courier handed the order over (epoch ms): the earliest of
     /// the delivery's `DeliveryCompleted` and the order's `OrderDelivered`,
     /// which follows it. The least, not the latest, so that it is the same
@@ -89,6 +91,7 @@ impl View {
                 join(&mut self.customer_id, &p.customer_id);
                 join(&mut self.restaurant_id, &p.restaurant_id);
                 join_items(&mut self.items, &p.items);
+                join(&mut self.placed_at, &at);
                 PLACED
             }
             Event::OrderRejected(r) => {
@@ -369,6 +372,7 @@ pub(crate) mod tests {
             // 5), not when the order service confirmed it (at 6).
             let delivered = (delivery == Some("DELIVERED")).then_some(5);
             assert_eq!(v.delivered_at, delivered);
+            assert_eq!(v.placed_at, Some(0));
         }
     }
 

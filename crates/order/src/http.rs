@@ -118,8 +118,12 @@ pub async fn place(
     app.backlog.admit()?;
     let fingerprint = new.fingerprint();
     let (order, event) = new.place(new_id());
+    let mut env = Envelope::new(crate::NAME, &order.id, &event, &ctx.cause());
+    // The event happened when the order was made, to the millisecond:
+    // MyPage's placedAt is the order's createdAt.
+    env.occurred_at = order.created_at;
     let placement = Placement {
-        env: Envelope::new(crate::NAME, &order.id, &event, &ctx.cause()),
+        env,
         key,
         fingerprint,
         order,
