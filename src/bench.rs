@@ -80,6 +80,10 @@ pub struct Report {
     /// a machine near saturation, or one whose steal is high, is the
     /// machine's as much as the system's.
     pub host: Option<HostLoad>,
+    /// The machine's load in each second of the run, as `host` is for the
+    /// whole: a slow second whose steal or I/O wait is high was the
+    /// machine's, one at the usual load was the system's.
+    pub host_by_second: Vec<HostLoad>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -91,6 +95,9 @@ pub struct HostLoad {
     pub busy_percent: f64,
     /// Of all CPU time: taken by the hypervisor for other guests.
     pub steal_percent: f64,
+    /// Of all CPU time: idle with I/O outstanding (a disk slow to answer,
+    /// an fsync).
+    pub io_wait_percent: f64,
 }
 
 /// The machine's CPU time so far (`/proc/stat`'s first line), in ticks.
@@ -98,6 +105,7 @@ pub struct HostLoad {
 struct CpuTimes {
     total: u64,
     idle: u64,
+    io_wait: u64,
     steal: u64,
 }
 
@@ -119,6 +127,7 @@ impl CpuTimes {
         Some(CpuTimes {
             total: t.iter().sum(),
             idle: t[3] + t[4],
+            io_wait: t[4],
             steal: t[7],
         })
     }
@@ -134,6 +143,7 @@ impl CpuTimes {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             busy_percent: pct(total.saturating_sub(later.idle.saturating_sub(self.idle))),
             steal_percent: pct(later.steal.saturating_sub(self.steal)),
+            io_wait_percent: pct(later.io_wait.saturating_sub(self.io_wait)),
         })
     }
 }
@@ -383,6 +393,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         })
     };
 
+    // One reading of /proc/stat a second, on the seconds of the run that
+    // placeMaxMsBySecond counts in.
+    let host_by_second = Arc::new(Mutex::new(Vec::new()));
+    let sampler = tokio::spawn({
+        let by_second = host_by_second.clone();
+        async move {
+            let mut last = CpuTimes::now();
+            let mut second = started;
+            while last.is_some() {
+                second += Duration::from_secs(1);
+                if second > deadline {
+                    break;
+                }
+                tokio::time::sleep_until(second.into()).await;
+                let now = CpuTimes::now();
+                match last.zip(now).and_then(|(a, b)| a.until(b)) {
+                    Some(load) => by_second.lock().unwrap().push(load),
+                    None => break,
+                }
+                last = now;
+            }
+        }
+    });
+
     let mut place = histogram();
     let mut max_by_second = Vec::new();
     for w in workers {
@@ -393,6 +427,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         }
     }
     let placed_for = started.elapsed();
+    // The seconds before the placements ended; a run cut short by its
+    // order budget has fewer.
+    sampler.abort();
+    let host_by_second = std::mem::take(&mut *host_by_second.lock().unwrap());
     let host = cpu_before
         .zip(CpuTimes::now())
         .and_then(|(a, b)| a.until(b));
@@ -453,6 +491,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
             .map(|us| us as f64 / 1000.0)
             .collect(),
         host,
+        host_by_second,
     })
 }
 
@@ -624,7 +663,16 @@ impl Report {
                 .enumerate()
                 .max_by(|a, b| a.1.total_cmp(b.1))
             {
-                Some((second, ms)) => format!("{second} s in, its slowest placement {ms:.2} ms"),
+                Some((second, ms)) => format!(
+                    "{second} s in, its slowest placement {ms:.2} ms{}",
+                    match self.host_by_second.get(second) {
+                        Some(h) => format!(
+                            " (that second {:.0}% busy, {:.1}% stolen, {:.1}% waiting for I/O)",
+                            h.busy_percent, h.steal_percent, h.io_wait_percent
+                        ),
+                        None => String::new(),
+                    }
+                ),
                 None => "none placed".to_owned(),
             },
             self.end_to_end_latency_ms.p50,
@@ -633,8 +681,9 @@ impl Report {
             self.mypage_lag_ms.p99,
             match &self.host {
                 Some(h) => format!(
-                    "{:.1}% of {} cores busy, the bench included; {:.1}% stolen by the hypervisor",
-                    h.busy_percent, h.cores, h.steal_percent
+                    "{:.1}% of {} cores busy, the bench included; {:.1}% stolen by the hypervisor; \
+                     {:.1}% waiting for I/O",
+                    h.busy_percent, h.cores, h.steal_percent, h.io_wait_percent
                 ),
                 None => "unknown (no /proc/stat)".to_owned(),
             },
@@ -722,6 +771,7 @@ mod tests {
             "work and steal: neither idle nor I/O wait"
         );
         assert_eq!(load.steal_percent, 5.0);
+        assert_eq!(load.io_wait_percent, 5.0);
         assert!(load.cores >= 1);
         assert_eq!(before.until(before), None, "no time passed");
         assert_eq!(CpuTimes::parse("intr 1 2 3"), None);
