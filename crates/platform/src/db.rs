@@ -10,7 +10,7 @@ use std::{
     ops::{Deref, DerefMut},
     str::FromStr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sqlx::{
@@ -114,11 +114,20 @@ pub struct Db {
 struct Kept {
     slot: Arc<tokio::sync::Mutex<KeptConn>>,
     pool: AnyPool,
+    /// The database's file name without `.db`, the label of its metrics.
+    name: Arc<str>,
 }
 
 impl Kept {
     async fn take(&self) -> Result<WriteConn, sqlx::Error> {
+        // A placement on SQLite is mostly this wait and the holds of the
+        // writers before it (docs/benchmarks.md): both are exported, as
+        // `sqlite_writer_wait_seconds` and `sqlite_writer_held_seconds`.
+        let asked = Instant::now();
         let mut slot = self.slot.clone().lock_owned().await;
+        let taken = Instant::now();
+        metrics::histogram!("sqlite_writer_wait_seconds", "db" => self.name.clone())
+            .record(taken - asked);
         if slot.0.is_none() {
             let mut conn = self.pool.acquire().await?;
             // One given back after a failure may be inside its transaction.
@@ -129,7 +138,9 @@ impl Kept {
             }
             slot.0 = Some(conn);
         }
-        Ok(WriteConn::new(Held::Kept(slot)))
+        let mut conn = WriteConn::new(Held::Kept(slot));
+        conn.timed = Some((taken, self.name.clone()));
+        Ok(conn)
     }
 }
 
@@ -190,6 +201,16 @@ pub struct WriteConn {
     held: Held,
     /// Given up ([`WriteConn::discard`]): nothing more is sent on it.
     discarded: bool,
+    /// A kept writer: when it was taken, and its database's name.
+    timed: Option<(Instant, Arc<str>)>,
+}
+
+impl Drop for WriteConn {
+    fn drop(&mut self) {
+        if let Some((taken, db)) = self.timed.take() {
+            metrics::histogram!("sqlite_writer_held_seconds", "db" => db).record(taken.elapsed());
+        }
+    }
 }
 
 enum Held {
@@ -202,6 +223,7 @@ impl WriteConn {
         WriteConn {
             held,
             discarded: false,
+            timed: None,
         }
     }
 
@@ -434,11 +456,18 @@ impl Db {
                 let read = pool(opts.max_connections.max(1))
                     .connect_with(options)
                     .await?;
+                let name = url
+                    .split('?')
+                    .next()
+                    .and_then(|path| path.rsplit(['/', ':']).next())
+                    .map(|file| file.strip_suffix(".db").unwrap_or(file))
+                    .unwrap_or_default();
                 Db {
                     backend,
                     kept: Some(Kept {
                         slot: Arc::default(),
                         pool: write.clone(),
+                        name: name.into(),
                     }),
                     write,
                     read,
@@ -1089,6 +1118,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The SQLite writer's waits and holds are measured per database,
+    /// named after its file: the metrics that tell where a placement's
+    /// time went.
+    #[tokio::test]
+    async fn the_sqlite_writer_is_timed_per_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("orders-x.db").display());
+        let db = super::Db::open(&url, super::DbOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(db.kept.as_ref().map(|k| &*k.name), Some("orders-x"));
+        let count = |metric: &str| {
+            let series = format!("{metric}_count{{db=\"orders-x\"}} ");
+            crate::telemetry::render_metrics()
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let before = count("sqlite_writer_held_seconds");
+        db.execute(sqlx::query("CREATE TABLE t (x INTEGER)"))
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(count("sqlite_writer_held_seconds"), before + 2);
+        assert_eq!(count("sqlite_writer_wait_seconds"), before + 2);
     }
 
     /// Writes sent as one text on SQLite commit together or not at all: a
