@@ -399,7 +399,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let sampler = tokio::spawn({
         let by_second = host_by_second.clone();
         async move {
-            let mut last = CpuTimes::now();
+            let mut last = cpu_before;
             let mut second = started;
             while last.is_some() {
                 second += Duration::from_secs(1);
