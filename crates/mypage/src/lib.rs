@@ -284,8 +284,8 @@ async fn join_customers(
 }
 
 /// The view table's shape, for a rebuild's fresh table; the same as
-/// `migrations/0100_views.sql` and `0200_view_times.sql` (the rebuild test reads rebuilt views through
-/// the ordinary queries).
+/// `migrations/0100_views.sql` and `0200_view_times.sql` (the rebuild test
+/// reads rebuilt views through the ordinary queries).
 fn create_view_table(table: &str, index: &str) -> [String; 2] {
     [
         format!(

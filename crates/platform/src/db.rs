@@ -1138,7 +1138,8 @@ mod tests {
                 .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        let before = count("sqlite_writer_held_seconds");
+        let held = count("sqlite_writer_held_seconds");
+        let waited = count("sqlite_writer_wait_seconds");
         db.execute(sqlx::query("CREATE TABLE t (x INTEGER)"))
             .await
             .unwrap();
@@ -1148,8 +1149,8 @@ mod tests {
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        assert_eq!(count("sqlite_writer_held_seconds"), before + 2);
-        assert_eq!(count("sqlite_writer_wait_seconds"), before + 2);
+        assert_eq!(count("sqlite_writer_held_seconds"), held + 2);
+        assert_eq!(count("sqlite_writer_wait_seconds"), waited + 2);
     }
 
     /// Writes sent as one text on SQLite commit together or not at all: a
