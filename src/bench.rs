@@ -394,26 +394,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     };
 
     // One reading of /proc/stat a second, on the seconds of the run that
-    // placeMaxMsBySecond counts in.
-    let host_by_second = Arc::new(Mutex::new(Vec::new()));
+    // placeMaxMsBySecond counts in; the last one ends where the placements
+    // end, so a run of 2 s has two, one cut short by its budget fewer.
+    let stop_sampling = Arc::new(tokio::sync::Notify::new());
     let sampler = tokio::spawn({
-        let by_second = host_by_second.clone();
+        let stop = stop_sampling.clone();
         async move {
+            let mut by_second = Vec::new();
             let mut last = cpu_before;
             let mut second = started;
-            while last.is_some() {
+            while last.is_some() && second < deadline {
                 second += Duration::from_secs(1);
-                if second > deadline {
-                    break;
-                }
-                tokio::time::sleep_until(second.into()).await;
+                let stopped = tokio::select! {
+                    _ = tokio::time::sleep_until(second.into()) => false,
+                    _ = stop.notified() => true,
+                };
                 let now = CpuTimes::now();
-                match last.zip(now).and_then(|(a, b)| a.until(b)) {
-                    Some(load) => by_second.lock().unwrap().push(load),
-                    None => break,
+                by_second.extend(last.zip(now).and_then(|(a, b)| a.until(b)));
+                if stopped {
+                    break;
                 }
                 last = now;
             }
+            by_second
         }
     });
 
@@ -427,10 +430,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         }
     }
     let placed_for = started.elapsed();
-    // The seconds before the placements ended; a run cut short by its
-    // order budget has fewer.
-    sampler.abort();
-    let host_by_second = std::mem::take(&mut *host_by_second.lock().unwrap());
+    stop_sampling.notify_one();
+    let host_by_second = sampler.await?;
     let host = cpu_before
         .zip(CpuTimes::now())
         .and_then(|(a, b)| a.until(b));

@@ -67,6 +67,17 @@ fn assert_consistent(r: &Report) {
             (0.0..=host.busy_percent).contains(&host.steal_percent),
             "{r:?}"
         );
+        // Each second's reading is a share of that second, and there is
+        // none for a second the run did not reach.
+        assert!(
+            r.host_by_second.len() as f64 <= r.duration_secs.ceil(),
+            "{r:?}"
+        );
+        for h in r.host_by_second.iter().chain([host]) {
+            assert!((0.0..=100.0).contains(&h.busy_percent), "{r:?}");
+            assert!((0.0..=100.0).contains(&h.io_wait_percent), "{r:?}");
+            assert!(h.busy_percent + h.io_wait_percent <= 100.1, "{r:?}");
+        }
     }
 }
 
@@ -111,6 +122,15 @@ async fn an_open_loop_bench_offers_its_rate_and_no_more() {
         "{report:?}"
     );
     assert_eq!(report.offered_per_sec, Some(100.0));
+    // The machine's load was read for each of those seconds too.
+    if cfg!(target_os = "linux") {
+        assert_eq!(report.host_by_second.len(), 2, "{report:?}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(
+            json["hostBySecond"][1]["ioWaitPercent"].is_number(),
+            "{json}"
+        );
+    }
     app.stop().await;
 }
 
