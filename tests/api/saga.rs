@@ -58,7 +58,7 @@ async fn an_order_is_cooked_delivered_and_visible_on_mypage_all_the_way() {
     // no later than the last event the view reflects.
     let time = |v: &Value| {
         let t = v.as_str().unwrap_or_else(|| panic!("a timestamp, got {v}"));
-        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
+        restaurant_platform::parse_rfc3339(t).unwrap_or_else(|| panic!("RFC 3339: {t}"))
     };
     let delivered_at = time(&view["deliveredAt"]);
     assert_eq!(view["placedAt"], placed["createdAt"], "{view}");

@@ -45,6 +45,13 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// The inverse of [`rfc3339`]: epoch milliseconds, `None` for text that is
+/// not an RFC 3339 time.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -54,5 +61,14 @@ mod tests {
             super::rfc3339(1_700_000_000_123),
             "2023-11-14T22:13:20.123Z"
         );
+    }
+
+    #[test]
+    fn parses_the_apis_timestamps() {
+        assert_eq!(
+            super::parse_rfc3339("2023-11-14T22:13:20.123Z"),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(super::parse_rfc3339("nonsense"), None);
     }
 }
