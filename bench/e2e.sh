@@ -61,22 +61,32 @@ PY
 }
 # Peak resident memory of every process of the system, sampled twice a
 # second: the `up` process itself and, in the distributed shape, each
-# supervised child named in processes.json.
+# supervised child named in processes.json. A sample forks nothing but its
+# `sleep` (bash builtins reading /proc; processes.json is parsed again only
+# when it changes): python3 and ps on every tick cost the host several
+# percent of its cores, which the distributed shape's latencies paid.
 ( declare -A peak
-  while kill -0 "$pid" 2>/dev/null; do
-    pids="up:$pid"
-    if [ -f "$dir/processes.json" ]; then
-      pids="$pids $(children "$dir/processes.json")"
+  kids="" seen="$dir/processes.seen"
+  while kill -0 "$pid" 2>/dev/null && [ ! -e "$dir/stop" ]; do
+    if [ -f "$dir/processes.json" ] && { [ ! -e "$seen" ] || [ "$dir/processes.json" -nt "$seen" ]; }; then
+      : > "$seen"
+      kids=$(children "$dir/processes.json")
     fi
-    for entry in $pids; do
+    for entry in "up:$pid" $kids; do
       name=${entry%%:*}; p=${entry##*:}
-      rss=$(ps -o rss= -p "$p" 2>/dev/null | tr -d ' ')
+      rss=""
+      while read -r key value _; do
+        [ "$key" = "VmRSS:" ] && { rss=$value; break; }
+      done 2>/dev/null < "/proc/$p/status" || true
       [ -n "$rss" ] && [ "$rss" -gt "${peak[$name]:-0}" ] && peak[$name]=$rss
     done
-    for name in "${!peak[@]}"; do echo "$name ${peak[$name]}"; done | sort > "$dir/rss.tmp" && mv "$dir/rss.tmp" "$dir/rss"
     sleep 0.5
-  done ) &
+  done
+  for name in "${!peak[@]}"; do echo "$name ${peak[$name]}"; done | sort > "$dir/rss" ) &
+sampler=$!
 "$bin" bench --url "http://127.0.0.1:$port" --duration "$duration" --concurrency "$concurrency" \
   --json "$dir/report.json" ${BENCH_ARGS:-} 2>/dev/null
+touch "$dir/stop"
+wait "$sampler" || true
 echo "peak RSS per process (MiB):$(awk '{printf " %s %.1f", $1, $2/1024}' "$dir/rss" 2>/dev/null)"
 echo "shape: $shape, $(nproc) cores, duration $duration, concurrency $concurrency"
