@@ -5,7 +5,7 @@
 //! batch commits, the next one gathers, so a quiet system pays no delay and
 //! a busy one pays one commit for many requests.
 
-use std::future::Future;
+use std::{future::Future, time::Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,7 +21,8 @@ fn reap(done: Option<Result<(), tokio::task::JoinError>>) {
 
 /// A queue in front of a batch function; cheap to clone.
 pub struct Batcher<Req, Resp> {
-    queue: mpsc::Sender<(Req, oneshot::Sender<Resp>)>,
+    /// Each request with where to answer it and when it was queued.
+    queue: mpsc::Sender<(Req, oneshot::Sender<Resp>, Instant)>,
 }
 
 impl<Req, Resp> std::fmt::Debug for Batcher<Req, Resp> {
@@ -61,6 +62,12 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// that arrives while a batch commits then starts the next batch at
     /// once instead of waiting for that commit. The task ends once the
     /// last batch has answered.
+    ///
+    /// Besides the batch sizes it records, per `name`, how long each
+    /// request waited before its batch began (`group_commit_wait_seconds`:
+    /// mostly the batch before it) and how long each batch took to apply
+    /// (`group_commit_apply_seconds`), the two parts of a request's time
+    /// here.
     pub fn overlapping<F, Fut>(
         name: &'static str,
         max: usize,
@@ -71,7 +78,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Resp>> + Send + 'static,
     {
-        let (queue, mut rx) = mpsc::channel::<(Req, oneshot::Sender<Resp>)>(max * 4);
+        let (queue, mut rx) = mpsc::channel::<(Req, oneshot::Sender<Resp>, Instant)>(max * 4);
         let in_flight = in_flight.max(1);
         let task = async move {
             let mut running = tokio::task::JoinSet::new();
@@ -85,10 +92,21 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 }
                 metrics::histogram!("group_commit_batch_size", "batcher" => name)
                     .record(batch.len() as f64);
-                let (reqs, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+                let began = Instant::now();
+                let waited = metrics::histogram!("group_commit_wait_seconds", "batcher" => name);
+                let mut reqs = Vec::with_capacity(batch.len());
+                let mut replies = Vec::with_capacity(batch.len());
+                for (req, reply, queued) in batch.drain(..) {
+                    waited.record(began.saturating_duration_since(queued));
+                    reqs.push(req);
+                    replies.push(reply);
+                }
                 let applied = apply(reqs);
                 running.spawn(async move {
-                    for (reply, resp) in replies.into_iter().zip(applied.await) {
+                    let answers = applied.await;
+                    metrics::histogram!("group_commit_apply_seconds", "batcher" => name)
+                        .record(began.elapsed());
+                    for (reply, resp) in replies.into_iter().zip(answers) {
                         let _ = reply.send(resp);
                     }
                 });
@@ -107,7 +125,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// gone or the batch failed without answering.
     pub async fn submit(&self, req: Req) -> Option<Resp> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send((req, reply)).await.ok()?;
+        self.queue.send((req, reply, Instant::now())).await.ok()?;
         answer.await.ok()
     }
 }
@@ -181,6 +199,48 @@ mod tests {
             assert_eq!(first.await.unwrap(), Some(0));
             task.await.unwrap();
         }
+    }
+
+    /// A request queued behind a batch held open for 100 ms waits about
+    /// that long; each request's wait and each batch's time are recorded
+    /// under the batcher's name.
+    #[tokio::test]
+    async fn each_wait_and_each_batch_is_timed() {
+        let series = |metric: &str, part: &str| {
+            let prefix = format!("{metric}_{part}{{batcher=\"timed\"}} ");
+            crate::telemetry::render_metrics()
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str())?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // Installs the recorder: what is recorded before goes nowhere.
+        assert_eq!(series("group_commit_wait_seconds", "count"), 0.0);
+        let (b, task) = Batcher::new("timed", 1, |reqs: Vec<u32>| async move {
+            if reqs[0] == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            reqs
+        });
+        tokio::spawn(task);
+        let first = tokio::spawn({
+            let b = b.clone();
+            async move { b.submit(0).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(b.submit(1).await, Some(1));
+        assert_eq!(first.await.unwrap(), Some(0));
+        assert_eq!(series("group_commit_wait_seconds", "count"), 2.0);
+        assert_eq!(series("group_commit_apply_seconds", "count"), 2.0);
+        let waited = series("group_commit_wait_seconds", "sum");
+        assert!(
+            (0.06..1.0).contains(&waited),
+            "the second request waited for the held batch: {waited} s in all"
+        );
+        let applying = series("group_commit_apply_seconds", "sum");
+        assert!(
+            (0.1..1.0).contains(&applying),
+            "the held batch took 100 ms: {applying} s in all"
+        );
     }
 
     #[tokio::test]
