@@ -207,10 +207,7 @@ mod tests {
     #[tokio::test]
     async fn each_wait_and_each_batch_is_timed() {
         let series = |metric: &str, part: &str| {
-            let prefix = format!("{metric}_{part}{{batcher=\"timed\"}} ");
-            crate::telemetry::render_metrics()
-                .lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str())?.parse::<f64>().ok())
+            crate::telemetry::rendered(&format!("{metric}_{part}{{batcher=\"timed\"}}"))
                 .unwrap_or(0.0)
         };
         // Installs the recorder: what is recorded before goes nowhere.

@@ -1132,11 +1132,8 @@ mod tests {
             .unwrap();
         assert_eq!(db.kept.as_ref().map(|k| &*k.name), Some("orders-x"));
         let count = |metric: &str| {
-            let series = format!("{metric}_count{{db=\"orders-x\"}} ");
-            crate::telemetry::render_metrics()
-                .lines()
-                .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
-                .unwrap_or(0)
+            crate::telemetry::rendered(&format!("{metric}_count{{db=\"orders-x\"}}"))
+                .map_or(0, |n| n as u64)
         };
         let held = count("sqlite_writer_held_seconds");
         let waited = count("sqlite_writer_wait_seconds");

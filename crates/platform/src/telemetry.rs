@@ -57,21 +57,29 @@ pub fn render_metrics() -> String {
     metrics_handle().render()
 }
 
+/// The value of one series as [`render_metrics`] shows it, named with its
+/// labels as rendered (`name_count{db="order"}`); `None` while it has none.
+/// The first call installs the recorder, which only then keeps what is
+/// recorded.
+#[cfg(test)]
+pub(crate) fn rendered(series: &str) -> Option<f64> {
+    render_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     /// A latency lands in the bucket its edges say, 20 ms among them.
     #[test]
     fn latencies_are_bucketed_around_the_placement_bound() {
-        let handle = super::metrics_handle();
+        super::metrics_handle();
         metrics::histogram!("telemetry_test_seconds").record(0.018);
-        let text = handle.render();
-        let bucket = |le: &str| {
-            let prefix = format!("telemetry_test_seconds_bucket{{le=\"{le}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str())?.parse::<u64>().ok())
-        };
-        assert_eq!(bucket("0.015"), Some(0), "{text}");
-        assert_eq!(bucket("0.02"), Some(1), "{text}");
-        assert_eq!(bucket("0.0075"), Some(0), "{text}");
+        let bucket =
+            |le: &str| super::rendered(&format!("telemetry_test_seconds_bucket{{le=\"{le}\"}}"));
+        let text = super::render_metrics();
+        assert_eq!(bucket("0.015"), Some(0.0), "{text}");
+        assert_eq!(bucket("0.02"), Some(1.0), "{text}");
+        assert_eq!(bucket("0.0075"), Some(0.0), "{text}");
     }
 }
