@@ -19,7 +19,7 @@ use restaurant_contract::{Envelope, Event, OrderLine};
 use restaurant_platform::{
     bus::Bus,
     consumer::{HandleError, Handler},
-    db::{Backend, Db, Migrations, Params, Tx, backend_of, rows_per_statement},
+    db::{Backend, Db, Migrations, Params, Tx, backend_of, kept_chunks},
     http::{Json, Path, Problem, Query, required},
     rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -216,10 +216,9 @@ async fn project_batch(
         .execute(&mut **tx)
         .await?;
     } else {
-        for chunk in views.chunks(rows_per_statement(tx, 14)) {
+        for chunk in kept_chunks(tx, &views, 14) {
             let values = Params::of(tx).rows(chunk.len(), 14);
-            let mut q =
-                sqlx::query(AssertSqlSafe(upsert(&format!("VALUES {values}")))).persistent(false);
+            let mut q = sqlx::query(AssertSqlSafe(upsert(&format!("VALUES {values}"))));
             for view in chunk {
                 q = q
                     .bind(&view.order_id)
@@ -264,7 +263,7 @@ async fn join_customers(
         .iter()
         .filter_map(|v| Some((v.order_id.as_str(), v.customer_id.as_deref()?)))
         .collect();
-    for chunk in known.chunks(rows_per_statement(tx, 2).saturating_sub(1).max(1)) {
+    for chunk in kept_chunks(tx, &known, 2) {
         let mut params = Params::of(tx);
         let now_param = params.one();
         let values = params.rows(chunk.len(), 2);
@@ -273,7 +272,6 @@ async fn join_customers(
              FROM (VALUES {values}) AS v WHERE {table}.order_id = v.column1 \
              AND ({table}.customer_id IS NULL OR v.column2 < {table}.customer_id)"
         )))
-        .persistent(false)
         .bind(now);
         for (order, customer) in chunk {
             fill = fill.bind(*order).bind(*customer);

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::{
     batch::Batcher,
-    db::{Db, DbOptions, Params, rows_per_statement},
+    db::{Db, DbOptions, Params, kept_chunks},
     tail::{Tail, TailEvent},
 };
 
@@ -267,14 +267,14 @@ impl Appender {
         let mut next = before + 1;
         // One multi-row insert per batch: a few hundred events cost one
         // statement and one commit.
-        for chunk in batch.chunks(rows_per_statement(&tx, 6)) {
+        for chunk in kept_chunks(&tx, batch, 6) {
             let values = Params::of(&tx).rows(chunk.len(), 6);
             let sql = format!(
                 "INSERT INTO events (seq, event_id, order_id, event_type, payload, appended_at) \
                  VALUES {values} ON CONFLICT (event_id) DO NOTHING"
             );
             let now = now_ms();
-            let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+            let mut q = sqlx::query(AssertSqlSafe(sql));
             for (i, e) in chunk.iter().enumerate() {
                 q = q
                     .bind(next + i as i64)
