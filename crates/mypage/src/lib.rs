@@ -108,7 +108,8 @@ const JOINED: [&str; 8] = [
 ];
 
 /// Applies a batch of events to their orders' views in `table`, one
-/// statement per batch (PostgreSQL) or per few hundred orders (SQLite):
+/// statement per batch (PostgreSQL) or per 32 orders (SQLite, texts kept
+/// prepared: `db::kept_chunks`):
 /// the batch's events are folded into one partial view per order in
 /// memory, and the database joins each partial view into the stored one
 /// as it upserts — facts OR-ed, each field the least of the two values,
