@@ -976,7 +976,9 @@ pub const KEPT_ROWS: usize = 32;
 /// (twenty-third session; MyPage's upsert of ~36 rows alone ~0.6 ms a
 /// batch). On PostgreSQL, where a statement is a round trip to the server
 /// and planning is per run anyway, the chunks stay as large as
-/// [`rows_per_statement`] allows.
+/// [`rows_per_statement`] allows, and their texts must stay
+/// `.persistent(false)` (a cache of 16 named statements there, see
+/// [`Db::open`]): the callers so far write SQLite alone.
 pub fn kept_chunks<'r, T>(tx: &Tx, rows: &'r [T], columns: usize) -> std::slice::Chunks<'r, T> {
     match backend_of(tx) {
         Backend::Sqlite => rows.chunks(KEPT_ROWS),
