@@ -30,6 +30,7 @@ use std::{
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
+use restaurant_contract::OrderLine;
 use restaurant_platform::parse_rfc3339;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -236,15 +237,8 @@ fn error_kind(e: &reqwest::Error) -> &'static str {
 struct PlaceOrder<'a> {
     customer_id: &'a str,
     restaurant_id: &'a str,
-    items: [Line; 2],
+    items: &'a [OrderLine],
     address: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Line {
-    menu_id: &'static str,
-    qty: u32,
 }
 
 /// What the bench reads of a MyPage view (every field optional, as
@@ -327,6 +321,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         workers.push(tokio::spawn(async move {
             let mut place = histogram();
             let mut max_by_second = Vec::<u64>::new();
+            let items = ["bibimbap", "bulgogi"].map(|menu| OrderLine {
+                menu_id: menu.into(),
+                qty: 1,
+            });
             let mut n = 0u64;
             while Instant::now() < deadline
                 && budget
@@ -351,37 +349,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                 // under test (sqlx::query log, embedded shape).
                 let customer = format!("bench-{run_id}-w{w}-{}", n / 20);
                 n += 1;
-                let body = serde_json::to_vec(&PlaceOrder {
+                let body = PlaceOrder {
                     customer_id: &customer,
                     restaurant_id: &restaurant,
-                    items: [
-                        Line {
-                            menu_id: "bibimbap",
-                            qty: 1,
-                        },
-                        Line {
-                            menu_id: "bulgogi",
-                            qty: 1,
-                        },
-                    ],
+                    items: &items,
                     address: "1 Jongno, Seoul",
-                })
-                .expect("serializes");
-                match client
-                    .post(orders_url.clone())
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                {
+                };
+                match client.post(orders_url.clone()).json(&body).send().await {
                     Ok(res) if res.status() == 201 => {
-                        let placed = match res
-                            .bytes()
-                            .await
-                            .map(|b| serde_json::from_slice::<Placed>(&b))
-                        {
-                            Ok(Ok(placed)) => placed,
-                            _ => {
+                        let placed = match res.json::<Placed>().await {
+                            Ok(placed) => placed,
+                            Err(_) => {
                                 shared.error("bad_response");
                                 continue;
                             }

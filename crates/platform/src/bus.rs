@@ -265,6 +265,7 @@ impl Appender {
         // in this process or another, can take them until we commit.
         let mut appended: Vec<(i64, &OutgoingEvent)> = Vec::with_capacity(batch.len());
         let mut next = before + 1;
+        let now = now_ms();
         // Multi-row inserts of 32 events whose texts repeat, kept prepared
         // (`kept_chunks`): a few hundred events cost a few statements and
         // one commit, none of them prepared again.
@@ -274,7 +275,6 @@ impl Appender {
                 "INSERT INTO events (seq, event_id, order_id, event_type, payload, appended_at) \
                  VALUES {values} ON CONFLICT (event_id) DO NOTHING"
             );
-            let now = now_ms();
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for (i, e) in chunk.iter().enumerate() {
                 q = q
