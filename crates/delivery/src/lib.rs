@@ -102,11 +102,14 @@ fn from_row(r: &AnyRow) -> Result<Delivery, sqlx::Error> {
 }
 
 async fn find(db: &Db, column: &'static str, value: &str) -> Result<Option<Delivery>, sqlx::Error> {
-    sqlx::query(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM deliveries WHERE {column} = $1"
-    )))
-    .bind(value)
-    .fetch_optional(db.reader())
+    db.read_with(async |c| {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM deliveries WHERE {column} = $1"
+        )))
+        .bind(value)
+        .fetch_optional(c)
+        .await
+    })
     .await?
     .map(|r| from_row(&r))
     .transpose()
@@ -230,12 +233,16 @@ async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
         return Ok(Some(now_ms()));
     }
     // Unbounded on purpose: see the cook service's `store::next_due`.
-    Ok(sqlx::query_scalar(
-        "SELECT MIN(complete_at) FROM deliveries WHERE status = 'DELIVERING' \
-         AND complete_at IS NOT NULL",
-    )
-    .fetch_one(db.reader())
-    .await?)
+    Ok(db
+        .read_with(async |c| {
+            sqlx::query_scalar(
+                "SELECT MIN(complete_at) FROM deliveries WHERE status = 'DELIVERING' \
+             AND complete_at IS NOT NULL",
+            )
+            .fetch_one(c)
+            .await
+        })
+        .await?)
 }
 
 // ---- handlers -----------------------------------------------------------------

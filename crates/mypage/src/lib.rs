@@ -449,11 +449,14 @@ impl From<Stored> for MyPage {
 }
 
 async fn get_view(State(db): State<Db>, Path(id): Path<String>) -> Result<Json<MyPage>, Problem> {
-    sqlx::query(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM views WHERE order_id = $1"
-    )))
-    .bind(&id)
-    .fetch_optional(db.reader())
+    db.read_with(async |c| {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM views WHERE order_id = $1"
+        )))
+        .bind(&id)
+        .fetch_optional(c)
+        .await
+    })
     .await?
     .map(|r| from_row(&r))
     .transpose()?
@@ -476,15 +479,20 @@ async fn list_views(
     Query(q): Query<ByCustomer>,
 ) -> Result<Json<Vec<MyPage>>, Problem> {
     let customer = required(q.customer_id, "customerId")?;
-    let views = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM views WHERE customer_id = $1 ORDER BY order_id DESC LIMIT 1000"
-    )))
-    .bind(&customer)
-    .fetch_all(db.reader())
-    .await?
-    .iter()
-    .map(from_row)
-    .collect::<Result<Vec<_>, _>>()?;
+    let views = db
+        .read_with(async |c| {
+            sqlx::query(AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM views WHERE customer_id = $1 \
+                 ORDER BY order_id DESC LIMIT 1000"
+            )))
+            .bind(&customer)
+            .fetch_all(c)
+            .await
+        })
+        .await?
+        .iter()
+        .map(from_row)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(views.into_iter().map(Into::into).collect()))
 }
 

@@ -221,11 +221,14 @@ pub async fn load_for_update(tx: &mut Tx, id: &str) -> Result<Option<Order>, sql
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<Option<Order>, sqlx::Error> {
-    sqlx::query(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM orders WHERE id = $1"
-    )))
-    .bind(id)
-    .fetch_optional(db.reader())
+    db.read_with(async |c| {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM orders WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(c)
+        .await
+    })
     .await?
     .map(|r| from_row(&r))
     .transpose()
@@ -236,13 +239,16 @@ pub async fn list_by_customer(
     customer_id: &str,
     limit: i64,
 ) -> Result<Vec<Order>, sqlx::Error> {
-    sqlx::query(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 \
-         ORDER BY created_at DESC, id DESC LIMIT $2"
-    )))
-    .bind(customer_id)
-    .bind(limit)
-    .fetch_all(db.reader())
+    db.read_with(async |c| {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 \
+             ORDER BY created_at DESC, id DESC LIMIT $2"
+        )))
+        .bind(customer_id)
+        .bind(limit)
+        .fetch_all(c)
+        .await
+    })
     .await?
     .iter()
     .map(from_row)

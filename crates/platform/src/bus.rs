@@ -479,12 +479,16 @@ impl EventLog {
 
     /// Every retained event in order, for rebuilding read models and tests.
     pub async fn read_from(&self, after: i64, max: i64) -> anyhow::Result<Vec<Delivery>> {
-        let rows =
-            sqlx::query("SELECT seq, payload FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
-                .bind(after)
-                .bind(max)
-                .fetch_all(self.db.reader())
-                .await?;
+        let rows = self
+            .db
+            .read_with(async |c| {
+                sqlx::query("SELECT seq, payload FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+                    .bind(after)
+                    .bind(max)
+                    .fetch_all(c)
+                    .await
+            })
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(Delivery {
@@ -530,12 +534,16 @@ pub const BEHIND_GAUGE: &str = "bus_consumer_behind";
 
 /// [`EventLog::consumers_behind`] of the log in `db`.
 async fn consumers_behind(db: &Db) -> anyhow::Result<Vec<(String, u64)>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT consumer, (SELECT COALESCE(MAX(seq), 0) FROM events) - position \
-         FROM consumer_positions ORDER BY consumer",
-    )
-    .fetch_all(db.reader())
-    .await?;
+    let rows: Vec<(String, i64)> = db
+        .read_with(async |c| {
+            sqlx::query_as(
+                "SELECT consumer, (SELECT COALESCE(MAX(seq), 0) FROM events) - position \
+                 FROM consumer_positions ORDER BY consumer",
+            )
+            .fetch_all(c)
+            .await
+        })
+        .await?;
     Ok(rows
         .into_iter()
         .map(|(consumer, behind)| (consumer, behind.max(0) as u64))
@@ -575,12 +583,16 @@ pub(crate) fn set_behind(behind: &[(String, u64)]) {
 async fn prune(db: &Db, before: i64, max_events: i64) -> anyhow::Result<u64> {
     // Positions are saved lazily, so the saved minimum trails what the
     // consumers have acknowledged: never ahead of it.
-    let (passed, newest): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COALESCE(MIN(position), 0) FROM consumer_positions), \
-                (SELECT COALESCE(MAX(seq), 0) FROM events)",
-    )
-    .fetch_one(db.reader())
-    .await?;
+    let (passed, newest): (i64, i64) = db
+        .read_with(async |c| {
+            sqlx::query_as(
+                "SELECT (SELECT COALESCE(MIN(position), 0) FROM consumer_positions), \
+                        (SELECT COALESCE(MAX(seq), 0) FROM events)",
+            )
+            .fetch_one(c)
+            .await
+        })
+        .await?;
     // `seq`s have gaps (an append that lost a race for an event id), so
     // at most `max_events` are left above the cut.
     let beyond = newest.saturating_sub(max_events.max(1));
@@ -594,15 +606,19 @@ async fn prune(db: &Db, before: i64, max_events: i64) -> anyhow::Result<u64> {
         // starts past what the count drops anyway and stops at `passed`,
         // however many old events a consumer holds back, so the cut lies
         // between the two.
-        let young: Option<i64> = sqlx::query_scalar(
-            "SELECT seq FROM events WHERE seq > $1 AND seq <= $2 AND appended_at >= $3 \
-             ORDER BY seq LIMIT 1",
-        )
-        .bind(beyond)
-        .bind(passed)
-        .bind(before)
-        .fetch_optional(db.reader())
-        .await?;
+        let young: Option<i64> = db
+            .read_with(async |c| {
+                sqlx::query_scalar(
+                    "SELECT seq FROM events WHERE seq > $1 AND seq <= $2 AND appended_at >= $3 \
+                     ORDER BY seq LIMIT 1",
+                )
+                .bind(beyond)
+                .bind(passed)
+                .bind(before)
+                .fetch_optional(c)
+                .await
+            })
+            .await?;
         young.map_or(passed, |seq| seq - 1)
     };
     // The newest event always stays: appends number theirs after the
@@ -762,7 +778,7 @@ impl LogSubscription {
         for t in self.types {
             q = q.bind(*t);
         }
-        let rows = q.fetch_all(self.db.reader()).await?;
+        let rows = self.db.read_with(async |c| q.fetch_all(c).await).await?;
         Ok(rows
             .iter()
             .map(|r| {

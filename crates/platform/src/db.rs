@@ -98,6 +98,120 @@ pub struct Db {
     kept: Option<Kept>,
     /// Plain reads. With WAL, SQLite readers never wait for the writer.
     read: AnyPool,
+    /// SQLite's readers, out of [`read`](Self::read) once first used (see
+    /// [`Readers`]); `None` on PostgreSQL.
+    readers: Option<Readers>,
+}
+
+/// SQLite's readers, kept out of their pool between reads, for the reason
+/// the writer is ([`Kept`]): sqlx pings a connection on its way back to
+/// the pool, a round trip to the connection's thread, so every read
+/// through the pool paid two hops (the read and the ping), each a wait for
+/// a core on a busy machine. Here a read takes an idle connection and puts
+/// it back; as many are out at once as the pool may hold.
+#[derive(Clone, Debug)]
+struct Readers {
+    idle: Arc<std::sync::Mutex<Vec<KeptConn>>>,
+    permits: Arc<tokio::sync::Semaphore>,
+    pool: AnyPool,
+}
+
+impl Readers {
+    fn new(pool: AnyPool, max: u32) -> Readers {
+        Readers {
+            idle: Arc::default(),
+            permits: Arc::new(tokio::sync::Semaphore::new(max.max(1) as usize)),
+            pool,
+        }
+    }
+
+    async fn take(&self) -> Result<ReadConn, sqlx::Error> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let idle = self.idle.lock().expect("not poisoned").pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            // At most as many out as the pool holds: this one waits for
+            // nothing but opening a connection (the first reads only).
+            None => KeptConn(Some(self.pool.acquire().await?)),
+        };
+        Ok(ReadConn {
+            conn,
+            home: Some((self.idle.clone(), permit)),
+        })
+    }
+
+    /// Lets every idle reader go back to the pool, and every reader out
+    /// go back there when done, so that closing the pool does not wait for
+    /// them.
+    fn close(&self) {
+        let mut idle = self.idle.lock().expect("not poisoned");
+        self.permits.close();
+        let idle = std::mem::take(&mut *idle);
+        drop(idle);
+    }
+}
+
+/// A connection for reads that need no transaction ([`Db::read`]); use
+/// `&mut *conn` as the executor and pass the outcome through
+/// [`ReadConn::check`], which gives up a connection that failed.
+pub struct ReadConn {
+    conn: KeptConn,
+    /// Where a kept SQLite reader goes back to, and its place among those
+    /// out; `None` for PostgreSQL's pooled connection (pinged on return).
+    home: Option<(
+        Arc<std::sync::Mutex<Vec<KeptConn>>>,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
+}
+
+impl ReadConn {
+    /// `outcome`, after giving up this connection if it says the
+    /// connection itself failed: it goes back to the pool, which pings it
+    /// and closes it if dead, and the next read takes another.
+    pub fn check<T>(&mut self, outcome: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if let Err(e) = &outcome
+            && broken(e)
+        {
+            tracing::warn!(error = %e, "a reader's connection failed; taking a new one");
+            self.home = None;
+        }
+        outcome
+    }
+}
+
+impl Drop for ReadConn {
+    fn drop(&mut self) {
+        let Some((idle, permit)) = self.home.take() else {
+            return;
+        };
+        let mut idle = idle.lock().expect("not poisoned");
+        // Once the database is closing (checked under the lock that
+        // closing takes), back to the pool, whose closing waits for it.
+        if !permit.semaphore().is_closed()
+            && let Some(conn) = self.conn.0.take()
+        {
+            idle.push(KeptConn(Some(conn)));
+        }
+    }
+}
+
+impl Deref for ReadConn {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        self.conn.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl DerefMut for ReadConn {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        self.conn.0.as_mut().expect("held until dropped")
+    }
 }
 
 /// SQLite's one writer connection, taken from its pool once and kept.
@@ -470,6 +584,7 @@ impl Db {
                         name: name.into(),
                     }),
                     write,
+                    readers: Some(Readers::new(read.clone(), opts.max_connections)),
                     read,
                 }
             }
@@ -506,6 +621,7 @@ impl Db {
                     write: pool.clone(),
                     kept: None,
                     read: pool,
+                    readers: None,
                 }
             }
         };
@@ -619,9 +735,35 @@ impl Db {
         })
     }
 
-    /// The pool for reads that need no transaction.
+    /// The pool for reads that need no transaction. On SQLite each read
+    /// through it pays a ping on the connection's way back: reads on a
+    /// service's paths take a [`ReadConn`] ([`Db::read`]) instead.
     pub fn reader(&self) -> &AnyPool {
         &self.read
+    }
+
+    /// Runs `read` (reads that need no transaction) on a connection from
+    /// [`Db::read`], which it gives up if `read` says it failed.
+    pub async fn read_with<T>(
+        &self,
+        read: impl AsyncFnOnce(&mut AnyConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let mut conn = self.read().await?;
+        let outcome = read(&mut conn).await;
+        conn.check(outcome)
+    }
+
+    /// A connection for reads that need no transaction, held until
+    /// dropped: on SQLite one of the kept readers ([`Readers`]), on
+    /// PostgreSQL one from the pool.
+    pub async fn read(&self) -> Result<ReadConn, sqlx::Error> {
+        match &self.readers {
+            Some(readers) => readers.take().await,
+            None => Ok(ReadConn {
+                conn: KeptConn(Some(self.read.acquire().await?)),
+                home: None,
+            }),
+        }
     }
 
     /// Appended to a `SELECT` that must lock the rows it reads until commit.
@@ -647,6 +789,9 @@ impl Db {
         // The pool waits for every connection it handed out.
         if let Some(kept) = &self.kept {
             kept.slot.lock().await.let_go();
+        }
+        if let Some(readers) = &self.readers {
+            readers.close();
         }
         self.write.close().await;
         self.read.close().await;
@@ -1341,9 +1486,82 @@ mod tests {
         assert!(db.is_closed(), "close does not wait for the kept writer");
     }
 
-    /// The kept writer lives as long as its `Db`, which may outlive the
-    /// runtime it was used on: dropping it then closes the connection
-    /// instead of panicking for want of a task to return it to its pool on.
+    /// SQLite's readers stay out of their pool between reads (its way
+    /// back is a ping, a round trip to the connection's thread); no more
+    /// are out at once than the pool holds; one that failed is given up;
+    /// closing waits for none of them.
+    #[tokio::test]
+    async fn sqlite_readers_are_kept_between_reads() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("readers.db").display());
+        let opts = super::DbOptions {
+            max_connections: 2,
+            ..Default::default()
+        };
+        let db = super::Db::open(&url, opts).await.unwrap();
+        db.execute(sqlx::query("CREATE TABLE t (k INTEGER)"))
+            .await
+            .unwrap();
+        db.execute(sqlx::query("INSERT INTO t VALUES (7)"))
+            .await
+            .unwrap();
+        let read = async || {
+            db.read_with(async |c| {
+                sqlx::query_scalar::<_, i64>("SELECT k FROM t")
+                    .fetch_one(c)
+                    .await
+            })
+            .await
+            .unwrap()
+        };
+        for _ in 0..50 {
+            assert_eq!(read().await, 7);
+        }
+        let readers = db.readers.as_ref().unwrap();
+        let idle = || readers.idle.lock().unwrap().len();
+        assert_eq!(idle(), 1, "one reader did every read in turn");
+        assert_eq!(db.read.num_idle(), 0, "kept out of the pool");
+
+        // Two out: the pool's two; a third read waits for one of them.
+        let first = db.read().await.unwrap();
+        let mut second = db.read().await.unwrap();
+        assert_eq!(db.read.size(), 2);
+        let third = tokio::time::timeout(Duration::from_millis(100), db.read()).await;
+        assert!(third.is_err(), "no third reader while two are out");
+        drop(first);
+        assert_eq!(read().await, 7);
+        assert_eq!(idle(), 1);
+
+        // A reader whose connection failed (made up here) is given up:
+        // back to the pool, not to the readers.
+        assert!(second.check::<()>(Err(sqlx::Error::WorkerCrashed)).is_err());
+        drop(second);
+        assert_eq!(idle(), 1, "the failed one was not kept");
+        for _ in 0..3 {
+            assert_eq!(read().await, 7);
+        }
+
+        // Closing while a reader is out: it goes back to the pool when
+        // done, and the close ends.
+        let out = db.read().await.unwrap();
+        let closing = tokio::spawn({
+            let db = db.clone();
+            async move { db.close().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(out);
+        tokio::time::timeout(Duration::from_secs(5), closing)
+            .await
+            .expect("the close ends once the reader is back")
+            .unwrap();
+        assert_eq!(idle(), 0);
+        assert!(db.read().await.is_err(), "no reads after closing");
+    }
+
+    /// The kept writer and readers live as long as their `Db`, which may
+    /// outlive the runtime it was used on: dropping it then closes them
+    /// instead of panicking for want of a task to return them to their pool on.
     #[test]
     fn a_db_whose_writer_is_kept_can_be_dropped_after_its_runtime() {
         let dir = tempfile::tempdir().unwrap();
@@ -1357,6 +1575,16 @@ mod tests {
             db.execute(sqlx::query("CREATE TABLE t (k INTEGER)"))
                 .await
                 .unwrap();
+            // A kept reader too.
+            let n = db
+                .read_with(async |c| {
+                    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM t")
+                        .fetch_one(c)
+                        .await
+                })
+                .await
+                .unwrap();
+            assert_eq!(n, 0);
             db
         });
         drop(rt);

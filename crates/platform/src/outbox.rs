@@ -331,18 +331,23 @@ pub struct OwnedOutbox {
 impl OwnedOutbox {
     /// Publishes the next batch of rows.
     pub async fn relay(&mut self, db: &Db, bus: &Bus) -> anyhow::Result<Relayed> {
-        let rows: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT seq, payload FROM outbox WHERE seq IN ({}) ORDER BY seq",
-            pass_seqs(
-                "SELECT seq, events FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                "?"
-            )
-        )))
-        .bind(self.published)
-        .bind(RELAY_ROWS)
-        .bind(RELAY_EVENTS)
-        .fetch_all(db.reader())
-        .await?;
+        let published = self.published;
+        let rows: Vec<(i64, String)> = db
+            .read_with(async |c| {
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT seq, payload FROM outbox WHERE seq IN ({}) ORDER BY seq",
+                    pass_seqs(
+                        "SELECT seq, events FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                        "?"
+                    )
+                )))
+                .bind(published)
+                .bind(RELAY_ROWS)
+                .bind(RELAY_EVENTS)
+                .fetch_all(c)
+                .await
+            })
+            .await?;
         let Some(&(last_seq, _)) = rows.last() else {
             self.delete_published(db).await?;
             return Ok(Relayed::default());
@@ -536,8 +541,12 @@ pub async fn relay_batch(db: &Db, bus: &Bus) -> anyhow::Result<Relayed> {
 /// The envelopes waiting in the outbox, in the order they were appended:
 /// for tests and tools that drive a service without its relay.
 pub async fn waiting(db: &Db) -> Result<Vec<Envelope>, sqlx::Error> {
-    let rows: Vec<String> = sqlx::query_scalar("SELECT payload FROM outbox ORDER BY seq")
-        .fetch_all(db.reader())
+    let rows: Vec<String> = db
+        .read_with(async |c| {
+            sqlx::query_scalar("SELECT payload FROM outbox ORDER BY seq")
+                .fetch_all(c)
+                .await
+        })
         .await?;
     rows.iter()
         .flat_map(|row| row.split('\n'))
@@ -547,9 +556,12 @@ pub async fn waiting(db: &Db) -> Result<Vec<Envelope>, sqlx::Error> {
 
 /// Events not yet relayed; exported as a gauge and used by tests.
 pub async fn pending(db: &Db) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT COALESCE(SUM(events), 0) FROM outbox")
-        .fetch_one(db.reader())
-        .await
+    db.read_with(async |c| {
+        sqlx::query_scalar("SELECT COALESCE(SUM(events), 0) FROM outbox")
+            .fetch_one(c)
+            .await
+    })
+    .await
 }
 
 #[cfg(test)]

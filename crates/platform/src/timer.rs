@@ -75,10 +75,14 @@ pub async fn due(
         "SELECT id FROM {table} WHERE status = '{status}' AND complete_at IS NOT NULL \
          AND complete_at <= $1 ORDER BY complete_at, id LIMIT $2"
     );
-    let json: String = sqlx::query_scalar(AssertSqlSafe(packed(db.backend(), "id", &select)))
-        .bind(now)
-        .bind(limit)
-        .fetch_one(db.reader())
+    let json: String = db
+        .read_with(async |c| {
+            sqlx::query_scalar(AssertSqlSafe(packed(db.backend(), "id", &select)))
+                .bind(now)
+                .bind(limit)
+                .fetch_one(c)
+                .await
+        })
         .await?;
     Ok(unpack::<(String,)>(&json)?
         .into_iter()
