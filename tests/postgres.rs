@@ -447,23 +447,9 @@ async fn an_outbox_row_from_before_the_upgrade_is_relayed(
     db.close().await;
 }
 
-/// A pooled connection whose server end went away (a restart, a dropped
-/// link) is found out when next taken (sqlx pings it) and replaced: the
-/// next statement works. Pinging only connections idle for a while would
-/// save that round trip per transaction, but measured nothing on the
-/// distributed shape (docs/benchmarks.md, nineteenth session), and a
-/// statement would then fail on each connection killed while busy.
-async fn a_connection_that_lost_its_server_is_replaced(db: &Db, admin: &str, name: &str) {
-    let pid = || async {
-        sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
-            .fetch_one(db.reader())
-            .await
-    };
-    let before = pid().await.unwrap();
-    // Every connection of the pool, once each is back in it.
-    while db.reader().num_idle() < db.reader().size() as usize {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+/// Ends every connection the server has to database `name`, and waits
+/// until it lists none.
+async fn kill_backends(admin: &str, name: &str) {
     let mut admin = sqlx::AnyConnection::connect(admin).await.unwrap();
     let killed: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -473,8 +459,7 @@ async fn a_connection_that_lost_its_server_is_replaced(db: &Db, admin: &str, nam
     .fetch_one(&mut admin)
     .await
     .unwrap();
-    assert!(killed >= 1, "the pool's connections");
-    // Their ends are gone once the server no longer lists them.
+    assert!(killed >= 1, "the database's connections");
     loop {
         let left: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1")
@@ -488,12 +473,58 @@ async fn a_connection_that_lost_its_server_is_replaced(db: &Db, admin: &str, nam
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     admin.close().await.unwrap();
-    for _ in 0..3 {
-        let after = pid()
-            .await
-            .expect("each dead connection was found out and replaced");
-        assert_ne!(after, before);
-    }
+}
+
+/// A connection whose server end went away (a restart, a dropped link) is
+/// replaced. The services' connections stay out of sqlx's pool between
+/// uses (`db::KeptSet`), because its way back is a ping, a round trip to
+/// the server, on every transaction and read. So: one idle for over a
+/// second is pinged when taken, and replaced without a failure; a
+/// transaction begun on one that died more recently begins again on
+/// another; a read taken on such a one fails once, as a read on a
+/// connection killed while busy does, and the connection is given up.
+async fn a_connection_that_lost_its_server_is_replaced(db: &Db, admin: &str, name: &str) {
+    use std::time::Duration;
+    let pid = || async {
+        db.read_with(async |c| {
+            sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                .fetch_one(c)
+                .await
+        })
+        .await
+    };
+    let in_transaction = || async {
+        let mut tx = db.begin().await?;
+        let pid = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(pid)
+    };
+    let before = pid().await.unwrap();
+    assert_eq!(in_transaction().await.unwrap(), before, "kept, and reused");
+
+    kill_backends(admin, name).await;
+    let after = in_transaction()
+        .await
+        .expect("BEGIN failed on the dead connection and went to a new one");
+    assert_ne!(after, before);
+    assert_eq!(pid().await.unwrap(), after);
+
+    // Two kept, idle for over a second when their server goes away.
+    let (a, b) = (db.read().await.unwrap(), db.read().await.unwrap());
+    drop((a, b));
+    kill_backends(admin, name).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let fresh = pid().await.expect("both pinged, given up, and replaced");
+    assert_ne!(fresh, after);
+
+    // Killed just after its last use: the next read on it fails, once.
+    kill_backends(admin, name).await;
+    assert!(pid().await.is_err(), "a read on the dead connection fails");
+    let last = pid().await.expect("the dead connection was given up");
+    assert_ne!(last, fresh);
+    assert_eq!(pid().await.unwrap(), last);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,54 +98,83 @@ pub struct Db {
     kept: Option<Kept>,
     /// Plain reads. With WAL, SQLite readers never wait for the writer.
     read: AnyPool,
-    /// SQLite's readers, out of [`read`](Self::read) once first used (see
-    /// [`Readers`]); `None` on PostgreSQL.
-    readers: Option<Readers>,
+    /// Connections kept out of [`read`](Self::read) between uses (see
+    /// [`KeptSet`]): on SQLite its readers, on PostgreSQL every reader and
+    /// writer.
+    lent: Arc<KeptSet>,
 }
 
-/// SQLite's readers, kept out of their pool between reads, for the reason
-/// the writer is ([`Kept`]): sqlx pings a connection on its way back to
-/// the pool, a round trip to the connection's thread, so every read
-/// through the pool paid two hops (the read and the ping), each a wait for
-/// a core on a busy machine. Here a read takes an idle connection and puts
-/// it back; as many are out at once as the pool may hold.
-#[derive(Clone, Debug)]
-struct Readers {
-    idle: Arc<std::sync::Mutex<Vec<KeptConn>>>,
+/// Connections kept out of their pool between uses, for the reason
+/// SQLite's writer is ([`Kept`]): sqlx pings a connection on its way back
+/// to the pool, on SQLite a round trip to the connection's thread and on
+/// PostgreSQL one to the server (a `Sync` and its `ReadyForQuery`), so
+/// every read and every transaction through the pool paid one more wait.
+/// Here a use takes an idle connection and puts it back; as many are out
+/// at once as the pool may hold but one, which reads through the pool
+/// itself (`Db::reader`, for tools and tests, and `Db::ping`) keep.
+#[derive(Debug)]
+struct KeptSet {
+    /// Idle connections, newest last, each with when it was put back.
+    idle: Idle,
     permits: Arc<tokio::sync::Semaphore>,
     pool: AnyPool,
+    /// A connection idle this long is pinged before it is used again, as
+    /// the pool would: a server restarted meanwhile shows there, not as a
+    /// failed statement. `None` for a file (SQLite).
+    ping_after: Option<Duration>,
 }
 
-impl Readers {
-    fn new(pool: AnyPool, max: u32) -> Readers {
-        Readers {
+type Idle = Arc<std::sync::Mutex<Vec<(KeptConn, Instant)>>>;
+
+/// How long a PostgreSQL connection may stay idle and be used without a
+/// ping. Under load a connection is back in use within milliseconds.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+impl KeptSet {
+    fn new(pool: AnyPool, max: u32, ping_after: Option<Duration>) -> KeptSet {
+        KeptSet {
             idle: Arc::default(),
             permits: Arc::new(tokio::sync::Semaphore::new(max.max(1) as usize)),
             pool,
+            ping_after,
         }
     }
 
-    async fn take(&self) -> Result<ReadConn, sqlx::Error> {
+    async fn take(&self) -> Result<SetConn, sqlx::Error> {
         let permit = self
             .permits
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        let idle = self.idle.lock().expect("not poisoned").pop();
-        let conn = match idle {
-            Some(conn) => conn,
-            // At most as many out as the pool holds: this one waits for
-            // nothing but opening a connection (the first reads only).
-            None => KeptConn(Some(self.pool.acquire().await?)),
-        };
-        Ok(ReadConn {
-            conn,
-            home: Some((self.idle.clone(), permit)),
-        })
+        loop {
+            let idle = self.idle.lock().expect("not poisoned").pop();
+            let Some((mut conn, since)) = idle else {
+                // At most as many out as the pool holds but one: this
+                // waits for nothing but opening a connection (the pool
+                // pings one it had idle).
+                return Ok(SetConn {
+                    conn: KeptConn(Some(self.pool.acquire().await?)),
+                    home: Some((self.idle.clone(), permit)),
+                });
+            };
+            let stale = self
+                .ping_after
+                .is_some_and(|after| since.elapsed() >= after);
+            let live = conn.0.as_mut().expect("idle ones are held");
+            if stale && let Err(e) = sqlx::Connection::ping(&mut **live).await {
+                tracing::warn!(error = %e, "an idle connection failed its ping; taking another");
+                live.close_on_drop();
+                continue;
+            }
+            return Ok(SetConn {
+                conn,
+                home: Some((self.idle.clone(), permit)),
+            });
+        }
     }
 
-    /// Lets every idle reader go back to the pool, and every reader out
+    /// Lets every idle connection go back to the pool, and every one out
     /// go back there when done, so that closing the pool does not wait for
     /// them.
     fn close(&self) {
@@ -156,35 +185,41 @@ impl Readers {
     }
 }
 
-/// A connection for reads that need no transaction ([`Db::read`]); use
-/// `&mut *conn` as the executor and pass the outcome through
-/// [`ReadConn::check`], which gives up a connection that failed.
-pub struct ReadConn {
+/// A connection of a [`KeptSet`] ([`Db::read`]); use `&mut *conn` as the
+/// executor and pass the outcome through [`SetConn::check`], which gives
+/// up a connection that failed.
+pub struct SetConn {
     conn: KeptConn,
-    /// Where a kept SQLite reader goes back to, and its place among those
-    /// out; `None` for PostgreSQL's pooled connection (pinged on return).
-    home: Option<(
-        Arc<std::sync::Mutex<Vec<KeptConn>>>,
-        tokio::sync::OwnedSemaphorePermit,
-    )>,
+    /// Where it goes back to, and its place among those out; `None` once
+    /// given up (it goes back to the pool, pinged there, closed if dead).
+    home: Option<(Idle, tokio::sync::OwnedSemaphorePermit)>,
 }
 
-impl ReadConn {
+impl SetConn {
     /// `outcome`, after giving up this connection if it says the
     /// connection itself failed: it goes back to the pool, which pings it
-    /// and closes it if dead, and the next read takes another.
+    /// and closes it if dead, and the next use takes another.
     pub fn check<T>(&mut self, outcome: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
         if let Err(e) = &outcome
             && broken(e)
         {
-            tracing::warn!(error = %e, "a reader's connection failed; taking a new one");
-            self.home = None;
+            tracing::warn!(error = %e, "a connection failed; taking a new one");
+            self.give_up();
         }
         outcome
     }
+
+    /// Never hands this connection out again: it goes back to the pool,
+    /// which closes it.
+    fn give_up(&mut self) {
+        self.home = None;
+        if let Some(conn) = &mut self.conn.0 {
+            conn.close_on_drop();
+        }
+    }
 }
 
-impl Drop for ReadConn {
+impl Drop for SetConn {
     fn drop(&mut self) {
         let Some((idle, permit)) = self.home.take() else {
             return;
@@ -195,12 +230,12 @@ impl Drop for ReadConn {
         if !permit.semaphore().is_closed()
             && let Some(conn) = self.conn.0.take()
         {
-            idle.push(KeptConn(Some(conn)));
+            idle.push((KeptConn(Some(conn)), Instant::now()));
         }
     }
 }
 
-impl Deref for ReadConn {
+impl Deref for SetConn {
     type Target = AnyConnection;
 
     fn deref(&self) -> &AnyConnection {
@@ -208,7 +243,7 @@ impl Deref for ReadConn {
     }
 }
 
-impl DerefMut for ReadConn {
+impl DerefMut for SetConn {
     fn deref_mut(&mut self) -> &mut AnyConnection {
         self.conn.0.as_mut().expect("held until dropped")
     }
@@ -298,15 +333,21 @@ fn no_transaction(e: &sqlx::Error) -> bool {
     e.to_string().contains("no transaction is active")
 }
 
-/// Whether `e` says the connection itself failed, not the statement.
+/// Whether `e` says the connection itself failed, not the statement: on
+/// PostgreSQL also a server that ended it (SQLSTATE class 08, connection
+/// exceptions, and 57P01-57P03, the server shutting down, crashed or
+/// starting), which it says once, before the socket closes.
 fn broken(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
+    match e {
         sqlx::Error::WorkerCrashed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-    )
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
 }
 
 /// A connection to write with, held until dropped: SQLite's kept writer
@@ -329,7 +370,7 @@ impl Drop for WriteConn {
 
 enum Held {
     Kept(tokio::sync::OwnedMutexGuard<KeptConn>),
-    Pooled(PoolConnection<Any>),
+    Set(SetConn),
 }
 
 impl WriteConn {
@@ -348,7 +389,7 @@ impl WriteConn {
         self.discarded = true;
         match &mut self.held {
             Held::Kept(slot) => slot.let_go(),
-            Held::Pooled(conn) => conn.close_on_drop(),
+            Held::Set(conn) => conn.give_up(),
         }
     }
 
@@ -374,7 +415,7 @@ impl Deref for WriteConn {
                 .0
                 .as_ref()
                 .expect("a kept writer is held until discarded"),
-            Held::Pooled(conn) => conn,
+            Held::Set(conn) => conn,
         }
     }
 }
@@ -386,7 +427,7 @@ impl DerefMut for WriteConn {
                 .0
                 .as_mut()
                 .expect("a kept writer is held until discarded"),
-            Held::Pooled(conn) => conn,
+            Held::Set(conn) => conn,
         }
     }
 }
@@ -567,9 +608,10 @@ impl Db {
                         })
                 };
                 let write = pool(1).connect_with(options.clone()).await?;
-                let read = pool(opts.max_connections.max(1))
-                    .connect_with(options)
-                    .await?;
+                // One connection more than the kept readers may hold (see
+                // `KeptSet`).
+                let readers = opts.max_connections.max(1);
+                let read = pool(readers + 1).connect_with(options).await?;
                 let name = url
                     .split('?')
                     .next()
@@ -584,7 +626,7 @@ impl Db {
                         name: name.into(),
                     }),
                     write,
-                    readers: Some(Readers::new(read.clone(), opts.max_connections)),
+                    lent: Arc::new(KeptSet::new(read.clone(), readers, None)),
                     read,
                 }
             }
@@ -606,13 +648,15 @@ impl Db {
                 let url = format!(
                     "{url}{sep}options[plan_cache_mode]=force_custom_plan&statement-cache-capacity=16"
                 );
-                // At most four connections per process: the services
-                // batch their work, so more connections only meant more
-                // backends competing for the same cores (measured,
-                // distributed shape on 2 cores: 1,056-1,119 completed/s
-                // with eight, 1,346-1,363 with four).
+                // At most four connections per process in use: the
+                // services batch their work, so more connections only
+                // meant more backends competing for the same cores
+                // (measured, distributed shape on 2 cores: 1,056-1,119
+                // completed/s with eight, 1,346-1,363 with four). The pool
+                // holds one more, opened only when used (see `KeptSet`).
+                let lent = opts.max_connections.clamp(2, 4);
                 let pool = AnyPoolOptions::new()
-                    .max_connections(opts.max_connections.clamp(2, 4))
+                    .max_connections(lent + 1)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect(&url)
                     .await?;
@@ -620,8 +664,8 @@ impl Db {
                     backend,
                     write: pool.clone(),
                     kept: None,
+                    lent: Arc::new(KeptSet::new(pool.clone(), lent, Some(PING_AFTER_IDLE))),
                     read: pool,
-                    readers: None,
                 }
             }
         };
@@ -669,8 +713,23 @@ impl Db {
         };
         let conn = tx.conn.0.as_mut().expect("just put");
         let outcome = conn.execute(begin).await;
-        conn.check(outcome)?;
-        Ok(tx)
+        match conn.check(outcome) {
+            Ok(_) => Ok(tx),
+            // A kept connection whose server went away while it was idle
+            // (within the second before `KeptSet` pings one): nothing was
+            // done on it, so once more on another.
+            Err(e) if broken(&e) => {
+                drop(tx);
+                let mut tx = Transaction {
+                    conn: RollbackUnlessDone(Some(self.write_conn().await?)),
+                };
+                let conn = tx.conn.0.as_mut().expect("just put");
+                let outcome = conn.execute(begin).await;
+                conn.check(outcome)?;
+                Ok(tx)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The connection writes go to, held until dropped; on SQLite no other
@@ -679,7 +738,7 @@ impl Db {
     pub async fn write_conn(&self) -> Result<WriteConn, sqlx::Error> {
         match &self.kept {
             Some(kept) => kept.take().await,
-            None => Ok(WriteConn::new(Held::Pooled(self.write.acquire().await?))),
+            None => Ok(WriteConn::new(Held::Set(self.lent.take().await?))),
         }
     }
 
@@ -735,15 +794,20 @@ impl Db {
         })
     }
 
-    /// The pool for reads that need no transaction. On SQLite each read
-    /// through it pays a ping on the connection's way back: reads on a
-    /// service's paths take a [`ReadConn`] ([`Db::read`]) instead.
+    /// The pool for reads that need no transaction. Each read through it
+    /// pays a ping on the connection's way back: reads on a service's
+    /// paths take a [`SetConn`] ([`Db::read`]) instead.
     pub fn reader(&self) -> &AnyPool {
         &self.read
     }
 
     /// Runs `read` (reads that need no transaction) on a connection from
-    /// [`Db::read`], which it gives up if `read` says it failed.
+    /// [`Db::read`], which it gives up if `read` says it failed. A kept
+    /// PostgreSQL connection is pinged only after a second idle
+    /// ([`KeptSet`]): one whose server went away within that second fails
+    /// the read it is taken for (as one busy then does), and the next read
+    /// takes another. (Repeating the read here would need `AsyncFn`, whose
+    /// futures the compiler cannot yet prove `Send` for every borrow.)
     pub async fn read_with<T>(
         &self,
         read: impl AsyncFnOnce(&mut AnyConnection) -> Result<T, sqlx::Error>,
@@ -754,16 +818,9 @@ impl Db {
     }
 
     /// A connection for reads that need no transaction, held until
-    /// dropped: on SQLite one of the kept readers ([`Readers`]), on
-    /// PostgreSQL one from the pool.
-    pub async fn read(&self) -> Result<ReadConn, sqlx::Error> {
-        match &self.readers {
-            Some(readers) => readers.take().await,
-            None => Ok(ReadConn {
-                conn: KeptConn(Some(self.read.acquire().await?)),
-                home: None,
-            }),
-        }
+    /// dropped: one of the kept connections ([`KeptSet`]).
+    pub async fn read(&self) -> Result<SetConn, sqlx::Error> {
+        self.lent.take().await
     }
 
     /// Appended to a `SELECT` that must lock the rows it reads until commit.
@@ -790,9 +847,7 @@ impl Db {
         if let Some(kept) = &self.kept {
             kept.slot.lock().await.let_go();
         }
-        if let Some(readers) = &self.readers {
-            readers.close();
-        }
+        self.lent.close();
         self.write.close().await;
         self.read.close().await;
     }
@@ -1518,17 +1573,21 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(read().await, 7);
         }
-        let readers = db.readers.as_ref().unwrap();
-        let idle = || readers.idle.lock().unwrap().len();
+        let idle = || db.lent.idle.lock().unwrap().len();
         assert_eq!(idle(), 1, "one reader did every read in turn");
         assert_eq!(db.read.num_idle(), 0, "kept out of the pool");
 
-        // Two out: the pool's two; a third read waits for one of them.
+        // Two out, as many as `max_connections`: a third read waits for
+        // one of them, while the pool keeps one for reads through it.
         let first = db.read().await.unwrap();
         let mut second = db.read().await.unwrap();
         assert_eq!(db.read.size(), 2);
         let third = tokio::time::timeout(Duration::from_millis(100), db.read()).await;
         assert!(third.is_err(), "no third reader while two are out");
+        let direct = tokio::time::timeout(Duration::from_secs(5), db.reader().acquire()).await;
+        assert!(matches!(direct, Ok(Ok(_))), "the pool's own reads go on");
+        drop(direct);
+        db.ping().await.unwrap();
         drop(first);
         assert_eq!(read().await, 7);
         assert_eq!(idle(), 1);
