@@ -615,10 +615,17 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     // Placement without keys: orders and their events in one statement,
     // which commits both or neither.
     let placing: Vec<(restaurant_order::domain::Order, Envelope)> = (0..3)
-        .map(|_| {
+        .map(|i| {
             let id = new_id();
+            // Stored as JSON text inside the statement's JSON parameter on
+            // PostgreSQL: quotes, backslashes and non-ASCII come back as
+            // they went in.
             let line = OrderLine {
-                menu_id: "m".into(),
+                menu_id: if i == 1 {
+                    "m \"ü\" \\ 1".into()
+                } else {
+                    "m".into()
+                },
                 qty: 1,
             };
             let (o, ev) = NewOrder::parse("one", "r", &[line], "a")
