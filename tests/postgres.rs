@@ -536,7 +536,7 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     };
     let order = dbs.create("order", restaurant_order::migrations()).await;
     let cook = dbs.create("cook", restaurant_cook::migrations()).await;
-    let _delivery = dbs
+    let delivery = dbs
         .create("delivery", restaurant_delivery::migrations())
         .await;
     let mypage = dbs.create("mypage", restaurant_mypage::migrations()).await;
@@ -666,6 +666,91 @@ async fn every_service_schema_and_its_queries_run_on_postgresql() {
     assert_eq!((relayed.rows, relayed.events), (1, 3));
     let sent: Vec<String> = events.iter().map(Envelope::to_json).collect();
     assert_eq!(logged(&log).await[1..], sent);
+
+    // Cook and delivery insert a batch's new rows with `ON CONFLICT DO
+    // NOTHING` and read back which went in (`db::inserted`): an order
+    // named twice in a batch, or again later, gets one ticket and one
+    // delivery, and publishes once.
+    let ticket = |id: &str, order: &str| restaurant_cook::domain::Ticket {
+        id: id.into(),
+        order_id: order.into(),
+        restaurant_id: "r".into(),
+        items: vec![OrderLine {
+            menu_id: "m \"ü\"".into(),
+            qty: 2,
+        }],
+        address: "a".into(),
+        status: restaurant_cook::domain::CookStatus::Cooking,
+        reason: None,
+        complete_at: Some(7),
+        created_at: 1,
+        updated_at: 1,
+    };
+    let mut tx = cook.begin().await.unwrap();
+    let claimed = restaurant_cook::store::insert_tickets(
+        &mut tx,
+        &[ticket("t1", "oa"), ticket("t2", "oa"), ticket("t3", "ob")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed, ["oa".to_owned(), "ob".to_owned()].into());
+    let again = restaurant_cook::store::insert_tickets(&mut tx, &[ticket("t4", "ob")])
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "ob has its ticket");
+    tx.commit().await.unwrap();
+    let stored = restaurant_cook::store::ticket(&cook, restaurant_cook::store::TicketKey::Id, "t3")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored, ticket("t3", "ob"));
+
+    let delivery_ctx = restaurant_platform::service::ServiceContext::new(
+        "delivery",
+        delivery.clone(),
+        Bus::Embedded(log.clone()),
+        Shutdown::new(),
+    );
+    let couriers = restaurant_delivery::DeliveryEvents(restaurant_delivery::App {
+        ctx: delivery_ctx,
+        delivery_time: None,
+        timer_wake: Arc::default(),
+    });
+    let cooked = |order: &str| {
+        let ev = Event::CookCompleted(restaurant_contract::CookCompleted {
+            cook_id: format!("cook-{order}"),
+            restaurant_id: "r".into(),
+            address: "a".into(),
+        });
+        (Envelope::new("cook", order, &ev, &Cause::default()), ev)
+    };
+    consumer::apply_batch(
+        &delivery,
+        &couriers,
+        vec![cooked("oa"), cooked("oa"), cooked("ob")],
+    )
+    .await
+    .unwrap();
+    consumer::apply_batch(&delivery, &couriers, vec![cooked("ob")])
+        .await
+        .unwrap();
+    let deliveries: Vec<(String, String, Option<i64>)> =
+        sqlx::query_as("SELECT order_id, status, complete_at FROM deliveries ORDER BY order_id")
+            .fetch_all(delivery.reader())
+            .await
+            .unwrap();
+    assert_eq!(
+        deliveries,
+        [
+            ("oa".to_owned(), "DELIVERING".to_owned(), None),
+            ("ob".to_owned(), "DELIVERING".to_owned(), None)
+        ]
+    );
+    assert_eq!(
+        outbox::pending(&delivery).await.unwrap(),
+        2,
+        "one start each"
+    );
 
     // Cook: stock read under lock, reserved all or nothing, written back.
     use restaurant_cook::{

@@ -19,7 +19,7 @@ use restaurant_contract::{Envelope, Event, OrderLine};
 use restaurant_platform::{
     bus::Bus,
     consumer::{HandleError, Handler},
-    db::{Backend, Db, Migrations, Params, Tx, backend_of, kept_chunks},
+    db::{Backend, Db, Migrations, Params, Tx, backend_of, json_rows, kept_chunks},
     http::{Json, Path, Problem, Query, required},
     rfc3339,
     service::{RunningService, ServiceContext, ServiceHost},
@@ -210,12 +210,10 @@ async fn project_batch(
                 delivered_at: v.delivered_at,
             })
             .collect();
-        sqlx::query(AssertSqlSafe(upsert(&format!(
-            "SELECT {COLUMNS} FROM json_populate_recordset(NULL::{table}, $1::json)"
-        ))))
-        .bind(serde_json::to_string(&rows).expect("serializes"))
-        .execute(&mut **tx)
-        .await?;
+        sqlx::query(AssertSqlSafe(upsert(&json_rows(table, COLUMNS, "$1"))))
+            .bind(serde_json::to_string(&rows).expect("serializes"))
+            .execute(&mut **tx)
+            .await?;
     } else {
         for chunk in kept_chunks(tx, &views, 14) {
             let values = Params::of(tx).rows(chunk.len(), 14);

@@ -5,7 +5,7 @@
 use restaurant_contract::{Envelope, OrderLine};
 use restaurant_platform::{
     db::{
-        Backend, Db, Params, Planned, Query, Tx, backend_of, rows_per_statement,
+        Backend, Db, Params, Planned, Query, Tx, backend_of, json_rows, rows_per_statement,
         rows_per_statement_on, select_for_update, select_planned,
     },
     outbox,
@@ -101,14 +101,10 @@ async fn write_all(tx: &mut Tx, orders: &[&Order], on_conflict: &str) -> Result<
     Ok(())
 }
 
-/// The rows of a statement's one JSON parameter `param`, on PostgreSQL,
-/// where the orders a statement writes are that parameter:
-/// one text whatever their number, prepared once per connection, where a
-/// multi-row `VALUES` text differs with its row count and was parsed and
-/// analysed afresh every time (MyPage's upsert did the same in the
-/// eleventh session).
+/// On PostgreSQL the orders a statement writes are one JSON parameter,
+/// `param` ([`json_rows`]).
 fn from_json(param: &str) -> String {
-    format!("SELECT {COLUMNS} FROM json_populate_recordset(NULL::orders, {param}::json)")
+    json_rows("orders", COLUMNS, param)
 }
 
 /// An order as one JSON object of the table's columns, for [`from_json`].
