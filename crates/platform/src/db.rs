@@ -114,7 +114,7 @@ pub struct Db {
 /// itself (`Db::reader`, for tools and tests, and `Db::ping`) keep.
 #[derive(Debug)]
 struct KeptSet {
-    /// Idle connections, newest last, each with when it was put back.
+    /// Idle connections, newest last.
     idle: Idle,
     permits: Arc<tokio::sync::Semaphore>,
     pool: AnyPool,
@@ -124,7 +124,10 @@ struct KeptSet {
     ping_after: Option<Duration>,
 }
 
-type Idle = Arc<std::sync::Mutex<Vec<(KeptConn, Instant)>>>;
+/// Idle connections, each with when it was put back; `None` for one to
+/// ping before its next use whatever its idle time (see
+/// [`SetConn::give_up`]).
+type Idle = Arc<std::sync::Mutex<Vec<(KeptConn, Option<Instant>)>>>;
 
 /// How long a PostgreSQL connection may stay idle and be used without a
 /// ping. Under load a connection is back in use within milliseconds.
@@ -160,7 +163,7 @@ impl KeptSet {
             };
             let stale = self
                 .ping_after
-                .is_some_and(|after| since.elapsed() >= after);
+                .is_some_and(|after| since.is_none_or(|t| t.elapsed() >= after));
             let live = conn.0.as_mut().expect("idle ones are held");
             if stale && let Err(e) = sqlx::Connection::ping(&mut **live).await {
                 tracing::warn!(error = %e, "an idle connection failed its ping; taking another");
@@ -210,9 +213,15 @@ impl SetConn {
     }
 
     /// Never hands this connection out again: it goes back to the pool,
-    /// which closes it.
+    /// which closes it. The idle ones are pinged before their next use
+    /// (PostgreSQL): what ended this one, a server restarted, likely ended
+    /// them too, and each would otherwise fail a statement first.
     fn give_up(&mut self) {
-        self.home = None;
+        if let Some((idle, _)) = self.home.take() {
+            for (_, since) in idle.lock().expect("not poisoned").iter_mut() {
+                *since = None;
+            }
+        }
         if let Some(conn) = &mut self.conn.0 {
             conn.close_on_drop();
         }
@@ -230,7 +239,7 @@ impl Drop for SetConn {
         if !permit.semaphore().is_closed()
             && let Some(conn) = self.conn.0.take()
         {
-            idle.push((KeptConn(Some(conn)), Instant::now()));
+            idle.push((KeptConn(Some(conn)), Some(Instant::now())));
         }
     }
 }
@@ -717,7 +726,8 @@ impl Db {
             Ok(_) => Ok(tx),
             // A kept connection whose server went away while it was idle
             // (within the second before `KeptSet` pings one): nothing was
-            // done on it, so once more on another.
+            // done on it, so once more on another (the idle ones are now
+            // pinged first, see `SetConn::give_up`).
             Err(e) if broken(&e) => {
                 drop(tx);
                 let mut tx = Transaction {
@@ -806,7 +816,7 @@ impl Db {
     /// PostgreSQL connection is pinged only after a second idle
     /// ([`KeptSet`]): one whose server went away within that second fails
     /// the read it is taken for (as one busy then does), and the next read
-    /// takes another. (Repeating the read here would need `AsyncFn`, whose
+    /// takes another, the idle ones pinged first. (Repeating the read here would need `AsyncFn`, whose
     /// futures the compiler cannot yet prove `Send` for every borrow.)
     pub async fn read_with<T>(
         &self,
