@@ -90,3 +90,11 @@ touch "$dir/stop"
 wait "$sampler" || true
 echo "peak RSS per process (MiB):$(awk '{printf " %s %.1f", $1, $2/1024}' "$dir/rss" 2>/dev/null)"
 echo "shape: $shape, $(nproc) cores, duration $duration, concurrency $concurrency"
+# A server that ended on its own during the run is a finding, not noise:
+# say so, with the end of its log (removed with the data directory).
+if ! kill -0 "$pid" 2>/dev/null; then
+  status=0; wait "$pid" || status=$?
+  echo "the server (pid $pid) ended during the run, exit status $status; its log ends:" >&2
+  tail -n 30 "$dir/up.log" >&2
+  exit 1
+fi
