@@ -237,7 +237,7 @@ async fn complete_due(app: &App) -> anyhow::Result<Option<i64>> {
         .read_with(async |c| {
             sqlx::query_scalar(
                 "SELECT MIN(complete_at) FROM deliveries WHERE status = 'DELIVERING' \
-             AND complete_at IS NOT NULL",
+                 AND complete_at IS NOT NULL",
             )
             .fetch_one(c)
             .await

@@ -717,28 +717,22 @@ impl Db {
         // Rolled back if dropped from before `BEGIN` is sent: a caller that
         // stops waiting for it may leave it to run on the connection all
         // the same (a `ROLLBACK` with no transaction open is harmless).
-        let mut tx = Transaction {
-            conn: RollbackUnlessDone(Some(self.write_conn().await?)),
-        };
-        let conn = tx.conn.0.as_mut().expect("just put");
-        let outcome = conn.execute(begin).await;
-        match conn.check(outcome) {
-            Ok(_) => Ok(tx),
-            // A kept connection whose server went away while it was idle
-            // (within the second before `KeptSet` pings one): nothing was
-            // done on it, so once more on another (the idle ones are now
-            // pinged first, see `SetConn::give_up`).
-            Err(e) if broken(&e) => {
-                drop(tx);
-                let mut tx = Transaction {
-                    conn: RollbackUnlessDone(Some(self.write_conn().await?)),
-                };
-                let conn = tx.conn.0.as_mut().expect("just put");
-                let outcome = conn.execute(begin).await;
-                conn.check(outcome)?;
-                Ok(tx)
+        let mut retried = false;
+        loop {
+            let mut tx = Transaction {
+                conn: RollbackUnlessDone(Some(self.write_conn().await?)),
+            };
+            let conn = tx.conn.0.as_mut().expect("just put");
+            let outcome = conn.execute(begin).await;
+            match conn.check(outcome) {
+                Ok(_) => return Ok(tx),
+                // A kept connection whose server went away while it was
+                // idle (within the second before `KeptSet` pings one):
+                // nothing was done on it, so once more on another (the idle
+                // ones are now pinged first, see `SetConn::give_up`).
+                Err(e) if broken(&e) && !retried => retried = true,
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
     }
 
