@@ -201,6 +201,18 @@ async fn fresh_database(admin: &str) -> String {
 }
 
 /// Places orders until `stop`; returns the acknowledged ids.
+/// Orders each of [`load`]'s four clients places at most.
+const LOAD_ORDERS: usize = 5_000;
+/// Orders a customer of [`load`] places: fewer than a listing of a
+/// customer's orders returns (1,000), so that counting them by customer
+/// misses none (with one customer per client, a fast host placed more).
+const PER_CUSTOMER: usize = 500;
+
+/// The customer of client `w`'s `i`th order.
+fn load_customer(w: usize, i: usize) -> String {
+    format!("out-{w}-{}", i / PER_CUSTOMER)
+}
+
 fn load(
     url: String,
     restaurant: String,
@@ -222,14 +234,16 @@ fn load(
                 acked.clone(),
             );
             tasks.push(tokio::spawn(async move {
-                for _ in 0..5_000 {
+                for i in 0..LOAD_ORDERS {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
                     let res = client
                         .post(format!("{url}/orders"))
-                        .json(&json!({"customerId": format!("out-{w}"), "restaurantId": r,
-                                      "items": [{"menuId": "dish", "qty": 1}], "address": "a"}))
+                        .json(
+                            &json!({"customerId": load_customer(w, i), "restaurantId": r,
+                                      "items": [{"menuId": "dish", "qty": 1}], "address": "a"}),
+                        )
                         .send()
                         .await;
                     match res {
@@ -286,11 +300,21 @@ async fn assert_all_delivered(url: &str, restaurant: &str, acked: &[String], sto
     }
     // Orders placed but never acknowledged may exist too; count every one.
     let mut delivered = 0;
-    for w in 0..4 {
-        let (_, list) = get(&format!("{url}/orders?customerId=out-{w}&limit=1000"))
+    let customers = (0..4).flat_map(|w| {
+        (0..LOAD_ORDERS)
+            .step_by(PER_CUSTOMER)
+            .map(move |i| load_customer(w, i))
+    });
+    for customer in customers {
+        let (_, list) = get(&format!("{url}/orders?customerId={customer}&limit=1000"))
             .await
             .unwrap();
-        for o in list.as_array().unwrap() {
+        let list = list.as_array().unwrap();
+        assert!(
+            list.len() < 1000,
+            "{customer}'s orders fit in one listing, so none goes uncounted"
+        );
+        for o in list {
             let deadline = tokio::time::Instant::now() + PATIENCE;
             let mut status = o["status"].as_str().unwrap().to_owned();
             while status != "DELIVERED" {
