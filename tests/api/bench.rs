@@ -143,3 +143,45 @@ async fn a_rate_that_is_not_a_positive_number_is_refused() {
     }
     app.stop().await;
 }
+
+/// Turned away with 503 + `Retry-After`, a closed-loop client waits as told
+/// before its next order instead of asking again at once: refusals are then
+/// at most one per client per second, where a client that asked again at
+/// once made thousands a second and took the CPU the system needed to
+/// catch up (a fast host's 60 s closed loop: 972,446 refusals).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_loop_client_waits_as_a_refusal_tells_it() {
+    let mut app = TestApp::spawn_with(|c| {
+        c.cook_time = Some(Duration::ZERO);
+        c.delivery_time = Some(Duration::ZERO);
+        c.max_backlog = restaurant::Limit::Entries(20);
+    })
+    .await;
+    // MyPage has saved a position before it stops, so the bus knows it
+    // trails (as in backlog.rs); then every new order is soon refused.
+    let r = crate::helpers::restaurant();
+    app.set_menu(&r, "naengmyeon", 10_000).await;
+    let first = app.place_ok("first", &r, &[("naengmyeon", 1)]).await;
+    app.wait_mypage(&first, |v| v["orderStatus"] == "DELIVERED")
+        .await;
+    app.system_mut().stop_service("mypage").await.unwrap();
+
+    let mut a = args(&app, None);
+    a.duration = Duration::from_millis(2_500);
+    a.drain = Duration::from_millis(500);
+    let report = run(a).await.unwrap();
+    let refused = report.errors.get("http_503").copied().unwrap_or(0);
+    assert!(refused > 0, "the bound never refused: {report:?}");
+    // Each of the 8 clients is refused at most once a second, plus once at
+    // the start: 2.5 s allows 3 refusals each.
+    assert!(refused <= 8 * 3, "clients asked again at once: {report:?}");
+    // With MyPage stopped, what was accepted is never seen final; nothing
+    // else went wrong.
+    assert_eq!(
+        report.errors.keys().collect::<Vec<_>>(),
+        ["http_503", "not_final"],
+        "{report:?}"
+    );
+    assert_eq!(report.errors["not_final"], report.orders_placed);
+    app.stop().await;
+}

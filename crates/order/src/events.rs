@@ -55,13 +55,15 @@ impl Handler for OrderEvents {
     const LINGER: Duration = Duration::from_millis(20);
 
     /// On SQLite each batch holds the order database's one writer, which
-    /// placements wait for; fewer, larger batches hold it less in all (at
-    /// 3,000 orders/s: 570 batches and ~5 s of the writer a minute instead
-    /// of 2,845 and ~17 s). Embedded, 3,000/s offered for 60 s, alternating:
-    /// placement p99 18.1 / 20.7 against 19.4 / 28.2 ms at 20 ms; with
-    /// planned batches too, 33.3 / 21.6 / 24.7 against 43.2 / 22.7 / 29.7
-    /// ms, placed -> delivered p99 76-85 against 97-125 ms
-    /// (docs/benchmarks.md, eighteenth session). The order row, and
+    /// placements wait for; fewer, larger batches hold it less in all.
+    /// The gain measured in the eighteenth session (placement p99 at
+    /// 3,000/s 18.1 / 20.7 against 19.4 / 28.2 ms at 20 ms) was mostly
+    /// work put off: lingering after full batches too, this consumer did
+    /// at most 5,120 of the 12,000 events a second that rate brings, and
+    /// finished the rest after the run. Since the twenty-fifth session a
+    /// full batch is followed at once, so at 3,000/s it keeps up (27
+    /// batches a second of ~440 events, 3.7 ms each) and the linger spaces
+    /// only the batches of a lighter load. The order row, and
     /// `OrderRejected` / `OrderDelivered` (which MyPage also learns from
     /// the kitchen's and the courier's own events), lag by up to 100 ms
     /// under load. On PostgreSQL a batch locks only its rows, and 40 ms

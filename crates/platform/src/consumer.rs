@@ -80,13 +80,14 @@ pub trait Handler: Send + Sync + 'static {
     /// the WAL records). The handler's own tests must show it.
     const IDEMPOTENT_TYPES: &'static [&'static str] = &[];
 
-    /// The least time between the starts of two batches. Zero (the
-    /// default) takes each batch as soon as an event is there. A consumer
-    /// whose effects nobody waits on may trade up to this much of its own
-    /// lag for fewer, larger transactions: under load it then commits once
-    /// per `LINGER` instead of as often as events trickle in, and leaves
-    /// its database's one SQLite writer free for the work users wait on.
-    /// After a quiet spell the first event is still taken at once.
+    /// The least time between the starts of two batches, after a batch
+    /// that was not full (after a full one the next is taken at once).
+    /// Zero (the default) takes each batch as soon as an event is there.
+    /// A consumer whose effects nobody waits on may trade up to this much
+    /// of its own lag for fewer, larger transactions: under load it then
+    /// commits once per `LINGER` instead of as often as events trickle in,
+    /// and leaves its database's one SQLite writer free for the work users
+    /// wait on. After a quiet spell the first event is still taken at once.
     const LINGER: Duration = Duration::ZERO;
 
     /// [`LINGER`](Self::LINGER) on SQLite, where a batch holds the
@@ -331,7 +332,16 @@ impl<H: Handler> Consumer<H> {
                 b = sub.next_batch(BATCH, IDLE_WAIT), if !lingering => match b {
                     Ok(batch) if batch.is_empty() => {}
                     Ok(batch) => {
-                        last_batch = Some(tokio::time::Instant::now());
+                        // A full batch says more is waiting, and the next
+                        // is taken at once: the linger trades lag for fewer
+                        // transactions only while the consumer keeps up.
+                        // Lingering behind, it could never do more than
+                        // BATCH events per linger: the order consumer on
+                        // SQLite 5,120 events a second, where 3,000 orders
+                        // a second bring it 12,000, so its lag grew for as
+                        // long as the load lasted (twenty-fifth session).
+                        last_batch =
+                            (batch.len() < BATCH).then(tokio::time::Instant::now);
                         in_flight.push(self.process(batch, positional, shutdown));
                     }
                     Err(e) => {

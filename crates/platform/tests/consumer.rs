@@ -843,16 +843,17 @@ async fn a_planned_batch_commits_its_effects_with_the_offset_or_neither() {
 }
 
 /// Counts the batches and events it is given; on SQLite (the fixture's
-/// database) takes a batch at most every 250 ms, elsewhere as they come.
+/// database) lingers `MS` ms after a batch, elsewhere takes them as they
+/// come.
 #[derive(Default)]
-struct Lingering {
+struct Lingering<const MS: u64> {
     batches: AtomicU32,
     events: AtomicU32,
 }
 
-impl Handler for Lingering {
+impl<const MS: u64> Handler for Lingering<MS> {
     const TYPES: &'static [&'static str] = &["OrderPlaced"];
-    const LINGER_ON_SQLITE: Duration = Duration::from_millis(250);
+    const LINGER_ON_SQLITE: Duration = Duration::from_millis(MS);
 
     async fn handle(&self, _: &mut Tx, _: &Envelope, _: Event) -> Result<(), HandleError> {
         self.events.fetch_add(1, Ordering::SeqCst);
@@ -876,7 +877,7 @@ impl Handler for Lingering {
 async fn a_lingering_consumer_takes_a_trickle_in_few_batches() {
     let f = fixture(0).await;
     let (_log, bus) = log_beside(&f).await;
-    let handler = Arc::new(Lingering::default());
+    let handler = Arc::new(Lingering::<250>::default());
     let consumer = Arc::new(Consumer::new(
         "lingering",
         f.db.clone(),
@@ -920,6 +921,51 @@ async fn a_lingering_consumer_takes_a_trickle_in_few_batches() {
     assert_eq!(handler.events.load(Ordering::SeqCst), 31, "each event once");
     let batches = handler.batches.load(Ordering::SeqCst);
     assert!((2..=5).contains(&batches), "31 events in {batches} batches");
+}
+
+/// A lingering consumer that is behind takes its full batches back to back:
+/// the linger spaces batches only while it keeps up. Lingering after every
+/// batch, 2,000 events waiting took four lingers (8 s here) however fast
+/// the consumer was, and a steady load of more than a batch per linger
+/// left it further behind every second.
+#[tokio::test]
+async fn a_lingering_consumer_that_is_behind_does_not_linger() {
+    let f = fixture(0).await;
+    let (_log, bus) = log_beside(&f).await;
+    for chunk in placed_events("backlog", 2_000).chunks(250) {
+        bus.publish(chunk).await.unwrap();
+    }
+    let handler = Arc::new(Lingering::<2_000>::default());
+    let consumer = Arc::new(Consumer::new(
+        "behind",
+        f.db.clone(),
+        handler.clone(),
+        OutboxSignal::default(),
+    ));
+    let stop = Shutdown::new();
+    let started = tokio::time::Instant::now();
+    let run = tokio::spawn(consumer.run(bus.clone(), stop.clone()));
+    while handler.events.load(Ordering::SeqCst) < 2_000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{} of 2,000 events applied in {:?}, {} batches",
+            handler.events.load(Ordering::SeqCst),
+            started.elapsed(),
+            handler.batches.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.trigger();
+    run.await.unwrap();
+    assert_eq!(
+        handler.events.load(Ordering::SeqCst),
+        2_000,
+        "each event once"
+    );
+    assert!(
+        handler.batches.load(Ordering::SeqCst) >= 4,
+        "batches are bounded"
+    );
 }
 
 fn nats_url() -> String {
