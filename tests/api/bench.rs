@@ -42,6 +42,12 @@ fn assert_consistent(r: &Report) {
         assert!(p.p50 <= p.p95 && p.p95 <= p.p99 && p.p99 <= p.max, "{r:?}");
     }
     assert!(r.place_latency_ms.p50 > 0.0, "{r:?}");
+    // The order service showed the last orders final too (an order it did
+    // not would be the error order_service_not_final).
+    assert!(
+        r.order_service_behind_ms.is_some_and(|ms| ms >= 0.0),
+        "{r:?}"
+    );
     assert!(r.completed_per_sec > 0.0, "{r:?}");
     // The slowest second holds the slowest placement (the histogram keeps
     // 3 significant digits of it).
@@ -101,6 +107,7 @@ async fn a_closed_loop_bench_follows_every_order_it_placed_to_delivered() {
         "endToEndLatencyMs",
         "mypageLagMs",
         "errors",
+        "orderServiceBehindMs",
     ] {
         assert!(json.get(key).is_some(), "{key} missing from {json}");
     }
