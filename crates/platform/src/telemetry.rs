@@ -49,8 +49,35 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         // Fails only if another recorder is installed (a test harness);
         // then this handle renders nothing, which is acceptable there.
         let _ = metrics::set_global_recorder(recorder);
+        spawn_upkeep(handle.clone());
         handle
     })
+}
+
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes `/metrics`.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A histogram keeps every sample recorded until it is folded into its
+/// buckets, which rendering does, and so does `run_upkeep`; a recorder
+/// built with `build_recorder` (ours: it is served on our own routes)
+/// gets no task that calls it. Unscraped, the embedded process grew by
+/// ~0.8 MiB a second at 3,000 orders/s (101 MiB after 30 s, 317 MiB after
+/// 270 s; twenty-fifth session), and every service process would have
+/// passed 30 MB in time. A thread, not a task: the handle is made before
+/// any runtime, and some callers have none.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no metrics upkeep thread: histograms grow until scraped");
+    }
 }
 
 pub fn render_metrics() -> String {
@@ -70,6 +97,24 @@ pub(crate) fn rendered(series: &str) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    /// Histograms are folded into their buckets by a thread of their own,
+    /// whether or not anyone scrapes.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_upkeep_thread_folds_histograms_unscraped() {
+        super::metrics_handle();
+        super::metrics_handle();
+        let upkeep = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim() == "metrics-upkeep")
+            .count();
+        assert_eq!(
+            upkeep, 1,
+            "one upkeep thread, however often the handle is taken"
+        );
+    }
+
     /// A latency lands in the bucket its edges say, 20 ms among them.
     #[test]
     fn latencies_are_bucketed_around_the_placement_bound() {
