@@ -13,8 +13,9 @@
 //! Two ways to load: closed loop (default) — every client places its next
 //! order as soon as the last is answered (or, turned away with 503, after
 //! its `Retry-After`), so the system runs flat out and placement latency is
-//! mostly queueing (by Little's law, about clients ÷ rate); open loop (`rate`) — orders are due at a fixed rate whatever the
-//! system does, and placement latency counts from when each was due, not
+//! mostly queueing (by Little's law, about clients ÷ rate); open loop
+//! (`rate`) — orders are due at a fixed rate whatever the system does,
+//! and placement latency counts from when each was due, not
 //! from when a free client got to send it. A stalled system then shows its
 //! stall in every order that waited behind it (no coordinated omission, as
 //! in wrk2), so "p99 at 3,000 orders/s" means what it says.
@@ -576,6 +577,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     })
 }
 
+/// The states an order never leaves.
+const FINAL: [&str; 3] = ["DELIVERED", "REJECTED", "CANCELLED"];
+
 /// The least time the order service gets to show the last orders final
 /// once MyPage does, however little of the drain is left.
 const MIN_SETTLE: Duration = Duration::from_secs(5);
@@ -594,7 +598,6 @@ async fn settle_at_order_service(
     until: Instant,
     shared: &Shared,
 ) -> Option<Duration> {
-    const FINAL: [&str; 3] = ["DELIVERED", "REJECTED", "CANCELLED"];
     #[derive(Deserialize)]
     struct Status {
         status: String,
@@ -691,7 +694,6 @@ async fn follow(
     placing: Arc<AtomicBool>,
     started_ms: i64,
 ) {
-    const FINAL: [&str; 3] = ["DELIVERED", "REJECTED", "CANCELLED"];
     const SETTLE: Duration = Duration::from_millis(200);
     loop {
         let keep_going = placing.load(Ordering::Relaxed);
