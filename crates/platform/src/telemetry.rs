@@ -101,14 +101,23 @@ mod tests {
     /// whether or not anyone scrapes.
     #[cfg(target_os = "linux")]
     #[test]
-    fn an_upkeep_thread_folds_histograms_unscraped() {
+    fn histograms_have_one_upkeep_thread() {
         super::metrics_handle();
         super::metrics_handle();
-        let upkeep = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .filter(|comm| comm.trim() == "metrics-upkeep")
-            .count();
+        let upkeep_threads = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim() == "metrics-upkeep")
+                .count()
+        };
+        // A thread names itself once it runs, a moment after its spawn.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut upkeep = upkeep_threads();
+        while upkeep == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            upkeep = upkeep_threads();
+        }
         assert_eq!(
             upkeep, 1,
             "one upkeep thread, however often the handle is taken"
