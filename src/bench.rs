@@ -851,6 +851,85 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// A server that answers every `GET /orders/{id}` with `status`,
+    /// PLACED for ids starting "stuck", DELIVERED for the rest.
+    async fn order_service_stub() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let Ok(n) = conn.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                            buf.drain(..end + 4);
+                            let path = head.split_whitespace().nth(1).unwrap_or_default();
+                            let status = if path.starts_with("/orders/stuck") {
+                                "PLACED"
+                            } else {
+                                "DELIVERED"
+                            };
+                            let body = format!("{{\"status\":\"{status}\"}}");
+                            let res = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                 content-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if conn.write_all(res.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    /// Orders the order service shows final settle at once; one it never
+    /// does is counted as `order_service_not_final` once the time is up.
+    #[tokio::test]
+    async fn the_order_service_is_read_until_it_shows_the_last_orders_final() {
+        let url = order_service_stub().await;
+        let client = reqwest::Client::new();
+        let shared = Shared::default();
+        let ids = ["a".to_owned(), "b".to_owned()];
+        let until = Instant::now() + Duration::from_secs(5);
+        let behind = settle_at_order_service(&client, &url, &ids, until, &shared).await;
+        assert!(
+            behind.is_some_and(|d| d < Duration::from_secs(5)),
+            "{behind:?}"
+        );
+        assert!(shared.errors.lock().unwrap().is_empty());
+
+        let ids = ["a".to_owned(), "stuck-1".to_owned(), "stuck-2".to_owned()];
+        let until = Instant::now() + Duration::from_millis(300);
+        let behind = settle_at_order_service(&client, &url, &ids, until, &shared).await;
+        assert!(
+            behind.is_some_and(|d| d >= Duration::from_millis(300)),
+            "{behind:?}"
+        );
+        assert_eq!(
+            *shared.errors.lock().unwrap(),
+            BTreeMap::from([("order_service_not_final".to_owned(), 2)])
+        );
+        assert_eq!(
+            settle_at_order_service(&client, &url, &[], until, &shared).await,
+            None
+        );
+    }
+
     #[test]
     fn retry_after_is_read_in_seconds_and_bounded() {
         use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
