@@ -871,34 +871,49 @@ impl<const MS: u64> Handler for Lingering<MS> {
     }
 }
 
-/// A lingering consumer takes the first event after a quiet spell at once,
-/// and events that trickle in after it together, each once.
-#[tokio::test]
-async fn a_lingering_consumer_takes_a_trickle_in_few_batches() {
-    let f = fixture(0).await;
-    let (_log, bus) = log_beside(&f).await;
-    let handler = Arc::new(Lingering::<250>::default());
+impl<const MS: u64> Lingering<MS> {
+    /// Waits until `n` events are applied, failing once `within` has passed.
+    async fn applied(&self, n: u32, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.events.load(Ordering::SeqCst) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {n} events applied within {within:?}, in {} batches",
+                self.events.load(Ordering::SeqCst),
+                self.batches.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// A consumer `name` of `bus` with a fresh [`Lingering`], running: its
+/// handler, what stops it, and its task.
+fn run_lingering<const MS: u64>(
+    f: &Fixture,
+    bus: &Bus,
+    name: &str,
+) -> (Arc<Lingering<MS>>, Shutdown, tokio::task::JoinHandle<()>) {
+    let handler = Arc::new(Lingering::<MS>::default());
     let consumer = Arc::new(Consumer::new(
-        "lingering",
+        name,
         f.db.clone(),
         handler.clone(),
         OutboxSignal::default(),
     ));
     let stop = Shutdown::new();
     let run = tokio::spawn(consumer.run(bus.clone(), stop.clone()));
-    let applied = |n: u32| {
-        let handler = handler.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while handler.events.load(Ordering::SeqCst) < n {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{n} events not applied"
-                );
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-    };
+    (handler, stop, run)
+}
+
+/// A lingering consumer takes the first event after a quiet spell at once,
+/// and events that trickle in after it together, each once.
+#[tokio::test]
+async fn a_lingering_consumer_takes_a_trickle_in_few_batches() {
+    let f = fixture(0).await;
+    let (_log, bus) = log_beside(&f).await;
+    let (handler, stop, run) = run_lingering::<250>(&f, &bus, "lingering");
+    let applied = |n: u32| handler.applied(n, Duration::from_secs(10));
 
     let first = tokio::time::Instant::now();
     bus.publish(&placed_events("first", 1)).await.unwrap();
@@ -935,26 +950,8 @@ async fn a_lingering_consumer_that_is_behind_does_not_linger() {
     for chunk in placed_events("backlog", 2_000).chunks(250) {
         bus.publish(chunk).await.unwrap();
     }
-    let handler = Arc::new(Lingering::<2_000>::default());
-    let consumer = Arc::new(Consumer::new(
-        "behind",
-        f.db.clone(),
-        handler.clone(),
-        OutboxSignal::default(),
-    ));
-    let stop = Shutdown::new();
-    let started = tokio::time::Instant::now();
-    let run = tokio::spawn(consumer.run(bus.clone(), stop.clone()));
-    while handler.events.load(Ordering::SeqCst) < 2_000 {
-        assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "{} of 2,000 events applied in {:?}, {} batches",
-            handler.events.load(Ordering::SeqCst),
-            started.elapsed(),
-            handler.batches.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (handler, stop, run) = run_lingering::<2_000>(&f, &bus, "behind");
+    handler.applied(2_000, Duration::from_secs(4)).await;
     stop.trigger();
     run.await.unwrap();
     assert_eq!(
