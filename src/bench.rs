@@ -854,46 +854,21 @@ mod tests {
     /// A server that answers every `GET /orders/{id}` with `status`,
     /// PLACED for ids starting "stuck", DELIVERED for the rest.
     async fn order_service_stub() -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use axum::{extract::Path, routing::get};
+        let app = axum::Router::new().route(
+            "/orders/{id}",
+            get(|Path(id): Path<String>| async move {
+                let status = if id.starts_with("stuck") {
+                    "PLACED"
+                } else {
+                    "DELIVERED"
+                };
+                axum::Json(serde_json::json!({ "status": status }))
+            }),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            loop {
-                let (mut conn, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    loop {
-                        let Ok(n) = conn.read(&mut chunk).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                            buf.drain(..end + 4);
-                            let path = head.split_whitespace().nth(1).unwrap_or_default();
-                            let status = if path.starts_with("/orders/stuck") {
-                                "PLACED"
-                            } else {
-                                "DELIVERED"
-                            };
-                            let body = format!("{{\"status\":\"{status}\"}}");
-                            let res = format!(
-                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                                 content-length: {}\r\n\r\n{body}",
-                                body.len()
-                            );
-                            if conn.write_all(res.as_bytes()).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         url
     }
 
