@@ -200,7 +200,6 @@ async fn fresh_database(admin: &str) -> String {
     format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
 }
 
-/// Places orders until `stop`; returns the acknowledged ids.
 /// Orders each of [`load`]'s four clients places at most.
 const LOAD_ORDERS: usize = 5_000;
 /// Orders a customer of [`load`] places: fewer than a listing of a
@@ -213,6 +212,7 @@ fn load_customer(w: usize, i: usize) -> String {
     format!("out-{w}-{}", i / PER_CUSTOMER)
 }
 
+/// Places orders until `stop`; returns the acknowledged ids.
 fn load(
     url: String,
     restaurant: String,

@@ -810,8 +810,9 @@ impl Db {
     /// PostgreSQL connection is pinged only after a second idle
     /// ([`KeptSet`]): one whose server went away within that second fails
     /// the read it is taken for (as one busy then does), and the next read
-    /// takes another, the idle ones pinged first. (Repeating the read here would need `AsyncFn`, whose
-    /// futures the compiler cannot yet prove `Send` for every borrow.)
+    /// takes another, the idle ones pinged first. (Repeating the read here
+    /// would need `AsyncFn`, whose futures the compiler cannot yet prove
+    /// `Send` for every borrow.)
     pub async fn read_with<T>(
         &self,
         read: impl AsyncFnOnce(&mut AnyConnection) -> Result<T, sqlx::Error>,
